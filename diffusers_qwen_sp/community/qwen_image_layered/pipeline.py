@@ -1,0 +1,7 @@
+"""diffusers community pipeline: QwenImageLayeredSPPipeline from diffusers_qwen_sp (requires `pip install diffusers-qwen-sp`)."""
+
+# diffusers picks the one DiffusionPipeline subclass in this file that does not come from diffusers itself.
+from diffusers_qwen_sp.pipelines.qwenimage import QwenImageLayeredSPPipeline
+
+
+__all__ = ["QwenImageLayeredSPPipeline"]

@@ -1,0 +1,438 @@
+"""The Qwen-Image transformer with a forward split into named, hookable stages.
+
+`QwenImageSPTransformer2DModel` is diffusers' `QwenImageTransformer2DModel` (same config, same state dict) whose
+forward is `preprocess -> run_blocks -> postprocess`. Everything that touches the image sequence before the blocks
+goes through two parameter-free submodules:
+
+- `image_rope_prepare`: yields the embedded image sequence with the image and text rotary frequencies;
+- `modulate_index_prepare`: yields the timestep (doubled for `zero_cond_t` models) and the per-token modulate index.
+
+Sequence parallelism attaches its split hooks to those two stages and its gather hook to `proj_out`; TeaCache calls
+`preprocess`, `run_blocks` and `postprocess` directly. Because no other code path embeds the image or builds rotary
+frequencies, a cached step shards exactly like a computed one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from math import prod
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers import QwenImageTransformer2DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.hooks.hooks import CacheContext
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
+from diffusers.utils import apply_lora_scale, logging
+
+
+logger = logging.get_logger(__name__)
+
+# Config classes whose checkpoints this transformer loads unchanged.
+QWEN_IMAGE_TRANSFORMER_CLASS_NAMES = ("QwenImageTransformer2DModel", "QwenImageSPTransformer2DModel")
+
+
+@dataclass
+class QwenImageBlockInputs:
+    r"""
+    Everything the transformer blocks consume, as produced by [`QwenImageSPTransformer2DModel.preprocess`].
+
+    Under sequence parallelism the image tensors are this rank's shard of the (padded) image sequence.
+
+    Args:
+        hidden_states (`torch.Tensor` of shape `(B, S_img, D)`): the embedded image stream.
+        encoder_hidden_states (`torch.Tensor` of shape `(B, S_txt, D)`): the embedded text stream.
+        encoder_hidden_states_mask (`torch.Tensor` of shape `(B, S_txt)`, *optional*): bool, `False` on padding.
+        temb (`torch.Tensor` of shape `(B, D)`, or `(2B, D)` for `zero_cond_t` models): the conditioning embedding.
+        image_rotary_emb (`tuple[torch.Tensor, torch.Tensor]`): complex image `(S_img, R)` and text `(S_txt, R)`
+            rotary frequencies.
+        modulate_index (`torch.Tensor` of shape `(B, S_img)`, *optional*): 0 for generated tokens, 1 for reference
+            tokens (modulated at t = 0); `None` unless the model is `zero_cond_t`.
+        attention_kwargs (`dict`, *optional*): passed to every block's attention processor.
+    """
+
+    hidden_states: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    encoder_hidden_states_mask: torch.Tensor | None
+    temb: torch.Tensor
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor]
+    modulate_index: torch.Tensor | None
+    attention_kwargs: dict[str, Any] | None = None
+
+
+class ImageRopePrepare(nn.Module):
+    r"""
+    Parameter-free stage that yields the embedded image sequence with its rotary frequencies.
+
+    It computes the frequencies with the transformer's own `pos_embed` (held as a plain reference, so the module tree
+    and the state dict stay those of the stock model). Sequence parallelism splits its outputs along the sequence.
+    """
+
+    def __init__(self, pos_embed: nn.Module, use_layer3d_rope: bool) -> None:
+        super().__init__()
+        # A plain attribute, not a submodule: `pos_embed` stays registered once, under the transformer.
+        object.__setattr__(self, "_pos_embed", pos_embed)
+        self.use_layer3d_rope = use_layer3d_rope
+
+    def forward(
+        self, hidden_states: torch.Tensor, img_shapes: list, text_seq_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns `(hidden_states (B, S_img, D), image_freqs (S_img, R), text_freqs (S_txt, R))`."""
+        if self.use_layer3d_rope:
+            # QwenEmbedLayer3DRope takes (video_fhw, max_txt_seq_len, device), QwenEmbedRope (video_fhw, device, ...).
+            image_freqs, text_freqs = self._pos_embed(img_shapes, text_seq_len, device=hidden_states.device)
+        else:
+            image_freqs, text_freqs = self._pos_embed(
+                img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device
+            )
+        return hidden_states, image_freqs, text_freqs
+
+    def extra_repr(self) -> str:
+        return f"use_layer3d_rope={self.use_layer3d_rope}"
+
+
+class ModulateIndexPrepare(nn.Module):
+    r"""
+    Parameter-free stage that yields the timestep and the per-token modulate index.
+
+    For `zero_cond_t` models (Qwen-Image-Edit-2511) the timestep is doubled to `[t, 0]` and every image token gets an
+    index: 0 for the generated target (`img_shapes[b][0]`), 1 for the reference images after it, which are modulated
+    at t = 0. Sequence parallelism splits the index along the sequence together with the image tokens.
+    """
+
+    def __init__(self, zero_cond_t: bool) -> None:
+        super().__init__()
+        self.zero_cond_t = zero_cond_t
+
+    def forward(self, timestep: torch.Tensor, img_shapes: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns `(timestep (B,) or (2B,), modulate_index (B, S_img) int32 or None)`."""
+        if not self.zero_cond_t:
+            return timestep, None
+        timestep = torch.cat([timestep, timestep * 0], dim=0)  # (B,) -> (2B,)
+        rows = []
+        for shapes in img_shapes:
+            target = prod(shapes[0])
+            references = sum(prod(shape) for shape in shapes[1:])
+            rows.append([0] * target + [1] * references)
+        modulate_index = torch.tensor(rows, device=timestep.device, dtype=torch.int)  # (B, S_img)
+        return timestep, modulate_index
+
+    def extra_repr(self) -> str:
+        return f"zero_cond_t={self.zero_cond_t}"
+
+
+@dataclass(frozen=True)
+class DenoisingStep:
+    r"""Where a pipeline's denoising loop is: filled into the transformer's `cache_context` by our pipelines."""
+
+    step_index: int | None
+    num_inference_steps: int | None
+    timestep: float | torch.Tensor | None
+
+
+class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
+    r"""
+    diffusers' `QwenImageTransformer2DModel` with a staged, hookable forward.
+
+    Same config and state dict as the stock model: any Qwen-Image transformer checkpoint loads unchanged, and
+    [`~QwenImageSPTransformer2DModel.from_transformer`] converts a stock instance without copying weights. The forward
+    runs [`~QwenImageSPTransformer2DModel.preprocess`], [`~QwenImageSPTransformer2DModel.run_blocks`] and
+    [`~QwenImageSPTransformer2DModel.postprocess`]; sequence parallelism hooks `image_rope_prepare`,
+    `modulate_index_prepare` and `proj_out`, and TeaCache calls the three methods itself.
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from diffusers_qwen_sp import QwenImageSPTransformer2DModel
+
+    >>> transformer = QwenImageSPTransformer2DModel.from_pretrained(
+    ...     "Qwen/Qwen-Image", subfolder="transformer", torch_dtype=torch.bfloat16
+    ... )
+    ```
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: int = 2,
+        in_channels: int = 64,
+        out_channels: int | None = 16,
+        num_layers: int = 60,
+        attention_head_dim: int = 128,
+        num_attention_heads: int = 24,
+        joint_attention_dim: int = 3584,
+        guidance_embeds: bool = False,
+        axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
+        zero_cond_t: bool = False,
+        use_additional_t_cond: bool = False,
+        use_layer3d_rope: bool = False,
+    ) -> None:
+        # The explicit signature is what diffusers' config machinery reads: keep it identical to the stock one.
+        super().__init__(
+            patch_size=patch_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            num_layers=num_layers,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            joint_attention_dim=joint_attention_dim,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=axes_dims_rope,
+            zero_cond_t=zero_cond_t,
+            use_additional_t_cond=use_additional_t_cond,
+            use_layer3d_rope=use_layer3d_rope,
+        )
+        self.image_rope_prepare = ImageRopePrepare(self.pos_embed, use_layer3d_rope=self.config.use_layer3d_rope)
+        self.modulate_index_prepare = ModulateIndexPrepare(zero_cond_t=self.config.zero_cond_t)
+        # Set by our pipelines for the duration of a call, read by `cache_context`.
+        self._denoising_step_fn: Callable[[], DenoisingStep] | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_transformer(cls, transformer: nn.Module) -> "QwenImageSPTransformer2DModel":
+        r"""
+        Convert a stock `QwenImageTransformer2DModel` without copying its weights.
+
+        The returned model shares every parameter tensor with `transformer` (same storage, device and dtype).
+
+        Args:
+            transformer (`QwenImageTransformer2DModel`): the stock model; returned as is if already converted.
+        """
+        if isinstance(transformer, cls):
+            return transformer
+        if not isinstance(transformer, QwenImageTransformer2DModel):
+            raise TypeError(
+                f"Expected a diffusers QwenImageTransformer2DModel, got {type(transformer).__name__}. Load the "
+                "transformer of a Qwen-Image checkpoint (e.g. subfolder='transformer' of 'Qwen/Qwen-Image')."
+            )
+        with torch.device("meta"):
+            converted = cls.from_config(transformer.config)
+        # assign=True adopts the stock tensors themselves: no copy, same device and dtype.
+        converted.load_state_dict(transformer.state_dict(), strict=True, assign=True)
+        converted.train(transformer.training)
+        # Processors (e.g. a user's custom attention processor) carry over per block.
+        converted.set_attn_processor(transformer.attn_processors)
+        # Rotary tables are plain tensors (not buffers): rebuild them on the CPU like the stock constructor does.
+        converted.pos_embed = type(transformer.pos_embed)(
+            theta=transformer.pos_embed.theta,
+            axes_dim=list(transformer.pos_embed.axes_dim),
+            scale_rope=transformer.pos_embed.scale_rope,
+        )
+        converted.image_rope_prepare = ImageRopePrepare(
+            converted.pos_embed, use_layer3d_rope=converted.config.use_layer3d_rope
+        )
+        converted.gradient_checkpointing = transformer.gradient_checkpointing
+        return converted
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Any, **kwargs: Any) -> "QwenImageSPTransformer2DModel":
+        r"""
+        Load a Qwen-Image transformer checkpoint (stock or saved by this class).
+
+        Accepts the arguments of [`~diffusers.ModelMixin.from_pretrained`]. Raises a `ValueError` when the checkpoint's
+        config names another model class.
+        """
+        config_keys = ("subfolder", "cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+        config = cls.load_config(
+            pretrained_model_name_or_path, **{key: kwargs[key] for key in config_keys if key in kwargs}
+        )
+        check_qwen_image_config(config, source=str(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    # ------------------------------------------------------------------ cache context
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        r"""
+        Like diffusers' `cache_context`, filling `step_index`, `num_inference_steps` and `timestep` from the running
+        pipeline when the caller did not pass them.
+        """
+        if self._denoising_step_fn is not None:
+            step = self._denoising_step_fn()
+            kwargs.setdefault("step_index", step.step_index)
+            kwargs.setdefault("num_inference_steps", step.num_inference_steps)
+            kwargs.setdefault("timestep", step.timestep)
+        with super().cache_context(name, **kwargs):
+            yield
+
+    @contextlib.contextmanager
+    def denoising_progress(self, step_fn: Callable[[], DenoisingStep]) -> Iterator[None]:
+        r"""Make `cache_context` report the denoising step given by `step_fn` while the block is active."""
+        previous = self._denoising_step_fn
+        self._denoising_step_fn = step_fn
+        try:
+            yield
+        finally:
+            self._denoising_step_fn = previous
+
+    # ------------------------------------------------------------------ the three stages
+
+    def preprocess(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_mask: torch.Tensor | None,
+        timestep: torch.Tensor,
+        img_shapes: list,
+        guidance: torch.Tensor | None = None,
+        additional_t_cond: torch.Tensor | None = None,
+        attention_kwargs: dict[str, Any] | None = None,
+    ) -> QwenImageBlockInputs:
+        r"""
+        Embed both streams, build the conditioning and the rotary frequencies: the part of the forward before the
+        blocks. The image path goes through `modulate_index_prepare` and `image_rope_prepare`, where sequence
+        parallelism shards it.
+        """
+        if img_shapes is None:
+            raise ValueError("`img_shapes` is required: one list of (frames, height, width) per batch sample.")
+        if guidance is not None:
+            # The stock forward passes `guidance` to an embedder that takes no guidance and fails with a TypeError:
+            # the Qwen-Image transformer has no guidance embedder, whatever `guidance_embeds` says.
+            raise ValueError(
+                f"`guidance` was given (shape {tuple(guidance.shape)}) but the Qwen-Image transformer has no guidance "
+                "embedder, so it cannot be applied. Pass guidance=None (for the pipelines: leave guidance_scale unset "
+                "and use true_cfg_scale with a negative prompt)."
+            )
+
+        hidden_states = self.img_in(hidden_states)  # (B, S_img, C) -> (B, S_img, D)
+        timestep = timestep.to(hidden_states.dtype)
+        timestep, modulate_index = self.modulate_index_prepare(timestep, img_shapes)
+
+        encoder_hidden_states = self.txt_norm(encoder_hidden_states)
+        encoder_hidden_states = self.txt_in(encoder_hidden_states)  # (B, S_txt, J) -> (B, S_txt, D)
+        text_seq_len, _, encoder_hidden_states_mask = compute_text_seq_len_from_mask(
+            encoder_hidden_states, encoder_hidden_states_mask
+        )
+
+        temb = self.time_text_embed(timestep, hidden_states, additional_t_cond)  # (B or 2B, D)
+        hidden_states, image_freqs, text_freqs = self.image_rope_prepare(hidden_states, img_shapes, text_seq_len)
+        return QwenImageBlockInputs(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            encoder_hidden_states_mask=encoder_hidden_states_mask,
+            temb=temb,
+            image_rotary_emb=(image_freqs, text_freqs),
+            modulate_index=modulate_index,
+            attention_kwargs=attention_kwargs,
+        )
+
+    def run_block(
+        self, index: int, inputs: QwenImageBlockInputs, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Run transformer block `index` on the two streams; returns `(encoder_hidden_states, hidden_states)`."""
+        block = self.transformer_blocks[index]
+        args = (
+            hidden_states,
+            encoder_hidden_states,
+            inputs.encoder_hidden_states_mask,
+            inputs.temb,
+            inputs.image_rotary_emb,
+            inputs.attention_kwargs,
+            inputs.modulate_index,
+        )
+        if torch.is_grad_enabled() and self.gradient_checkpointing:
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+    def run_blocks(
+        self, inputs: QwenImageBlockInputs, controlnet_block_samples: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        Run every transformer block, adding controlnet residuals when given.
+
+        Returns:
+            `tuple[torch.Tensor, torch.Tensor]`: `(encoder_hidden_states (B, S_txt, D), hidden_states (B, S_img, D))`.
+        """
+        hidden_states, encoder_hidden_states = inputs.hidden_states, inputs.encoder_hidden_states
+        interval = None
+        if controlnet_block_samples is not None:
+            interval = int(math.ceil(len(self.transformer_blocks) / len(controlnet_block_samples)))
+        for index in range(len(self.transformer_blocks)):
+            encoder_hidden_states, hidden_states = self.run_block(index, inputs, hidden_states, encoder_hidden_states)
+            if interval is not None:
+                hidden_states = hidden_states + controlnet_block_samples[index // interval]
+        return encoder_hidden_states, hidden_states
+
+    def postprocess(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        r"""Final norm and projection of the image stream: `(B, S_img, D) -> (B, S_img, p*p*C_out)`."""
+        if self.config.zero_cond_t:
+            temb = temb.chunk(2, dim=0)[0]  # (2B, D) -> (B, D): the target's conditioning
+        hidden_states = self.norm_out(hidden_states, temb)
+        return self.proj_out(hidden_states)
+
+    @apply_lora_scale("attention_kwargs")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        encoder_hidden_states_mask: torch.Tensor = None,
+        timestep: torch.LongTensor = None,
+        img_shapes: list[tuple[int, int, int]] | None = None,
+        guidance: torch.Tensor = None,
+        attention_kwargs: dict[str, Any] | None = None,
+        controlnet_block_samples: list[torch.Tensor] | None = None,
+        additional_t_cond: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> torch.Tensor | Transformer2DModelOutput:
+        r"""
+        The stock forward's arguments and result, computed as `preprocess -> run_blocks -> postprocess`.
+
+        Args:
+            hidden_states (`torch.Tensor` of shape `(B, S_img, in_channels)`): packed image latents.
+            encoder_hidden_states (`torch.Tensor` of shape `(B, S_txt, joint_attention_dim)`): prompt embeddings.
+            encoder_hidden_states_mask (`torch.Tensor` of shape `(B, S_txt)`, *optional*): 1 for real tokens.
+            timestep (`torch.Tensor` of shape `(B,)`): the timestep divided by 1000.
+            img_shapes (`list`): per sample, the (frames, height, width) of each packed image.
+            guidance (`torch.Tensor`, *optional*): not supported by Qwen-Image (raises).
+            attention_kwargs (`dict`, *optional*): passed to the attention processors.
+            controlnet_block_samples (`list[torch.Tensor]`, *optional*): controlnet residuals.
+            additional_t_cond (`torch.Tensor`, *optional*): extra conditioning index (Qwen-Image-Layered).
+            return_dict (`bool`, defaults to `True`): return a `Transformer2DModelOutput` instead of a tuple.
+        """
+        inputs = self.preprocess(
+            hidden_states,
+            encoder_hidden_states,
+            encoder_hidden_states_mask,
+            timestep,
+            img_shapes,
+            guidance=guidance,
+            additional_t_cond=additional_t_cond,
+            attention_kwargs=attention_kwargs,
+        )
+        _, hidden_states = self.run_blocks(inputs, controlnet_block_samples)
+        output = self.postprocess(hidden_states, inputs.temb)
+        if not return_dict:
+            return (output,)
+        return Transformer2DModelOutput(sample=output)
+
+
+def check_qwen_image_config(config: dict[str, Any], source: str) -> None:
+    r"""Raise a `ValueError` naming `source` when `config` is not a Qwen-Image transformer config."""
+    class_name = config.get("_class_name")
+    if class_name is not None and class_name not in QWEN_IMAGE_TRANSFORMER_CLASS_NAMES:
+        raise ValueError(
+            f"{source} holds a {class_name}, not a Qwen-Image transformer. Point to the transformer of a Qwen-Image "
+            "checkpoint (e.g. from_pretrained('Qwen/Qwen-Image', subfolder='transformer'))."
+        )
+    if class_name is None and "num_attention_heads" not in config:
+        raise ValueError(
+            f"{source} has no Qwen-Image transformer config (config.json without `_class_name` or "
+            "`num_attention_heads`). Point to the transformer folder of a Qwen-Image checkpoint."
+        )
+
+
+__all__ = [
+    "DenoisingStep",
+    "ImageRopePrepare",
+    "ModulateIndexPrepare",
+    "QwenImageBlockInputs",
+    "QwenImageSPTransformer2DModel",
+    "check_qwen_image_config",
+]

@@ -1,0 +1,128 @@
+"""What every diffusers_qwen_sp pipeline adds to its stock diffusers parent."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusers.utils import logging
+
+from ..distributed import broadcast_from_rank0
+from ..hooks.sequence_parallel import (
+    SequenceParallelConfig,
+    apply_sequence_parallel,
+    get_sequence_parallel_runtime,
+    remove_sequence_parallel,
+)
+from ..models import DenoisingStep, QwenImageSPTransformer2DModel
+
+
+logger = logging.get_logger(__name__)
+
+
+class QwenImageSPPipelineMixin:
+    r"""
+    Mixin for the thin subclasses of diffusers' Qwen-Image pipelines.
+
+    - The transformer is always a [`QwenImageSPTransformer2DModel`]: a stock one (e.g. loaded from a stock repo) is
+      converted when it is set on the pipeline, sharing its weights. `model_index.json` keeps naming the stock class,
+      so a saved pipeline still loads with plain diffusers.
+    - While the pipeline runs, the transformer's `cache_context` carries the step index, the step count and the
+      timestep of the denoising loop, so cache hooks know where they are without forking `__call__`.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The stock constructors set the transformer through `register_modules` -> `setattr`: one place converts it.
+        if name == "transformer" and value is not None and not isinstance(value, QwenImageSPTransformer2DModel):
+            value = QwenImageSPTransformer2DModel.from_transformer(value)
+        super().__setattr__(name, value)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        r"""
+        Like diffusers' `save_pretrained`, with `model_index.json` naming the stock pipeline class, so the folder
+        loads with plain diffusers as well as with our classes (or `custom_pipeline`).
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("push_to_hub"):  # already uploaded as is
+            logger.warning(
+                "push_to_hub uploaded a model_index.json naming %s: plain diffusers needs custom_pipeline to load it.",
+                type(self).__name__,
+            )
+        stock = next(cls for cls in type(self).__mro__ if cls.__module__.startswith("diffusers.pipelines."))
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = stock.__name__
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    # ------------------------------------------------------------------ sequence parallelism
+
+    def enable_sequence_parallel(self, config: SequenceParallelConfig | None = None, **kwargs: Any) -> None:
+        r"""
+        Shard the transformer's image sequence over the processes of a `torchrun` / `accelerate launch` job.
+
+        Initialises torch.distributed from the launcher's environment if needed (NCCL and one GPU per local rank on
+        CUDA, gloo on CPU), moves a CUDA pipeline to this rank's GPU, and makes every rank denoise the same inputs:
+        the initial noise and the prompt embeddings of rank 0 are broadcast, whatever seeds the ranks were given.
+
+        Args:
+            config ([`SequenceParallelConfig`], *optional*): the degrees; or pass its fields as keyword arguments.
+                Default: Ulysses over all processes.
+
+        Example:
+
+        ```py
+        >>> # torchrun --nproc-per-node 4 script.py
+        >>> pipe = QwenImageSPPipeline.from_pretrained("Qwen/Qwen-Image", torch_dtype=torch.bfloat16).to("cuda")
+        >>> pipe.enable_sequence_parallel(ulysses_degree=2, ring_degree=2)
+        >>> image = pipe("a red fox in the snow", negative_prompt=" ", true_cfg_scale=4.0).images[0]
+        ```
+        """
+        if config is not None and kwargs:
+            raise ValueError(f"Pass either `config` or keyword arguments, not both (got config and {sorted(kwargs)}).")
+        if config is None and kwargs:
+            config = SequenceParallelConfig(**kwargs)
+        runtime = apply_sequence_parallel(self.transformer, config)
+        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+            self.to(f"cuda:{torch.cuda.current_device()}")
+        logger.info(f"Sequence parallelism enabled: {runtime.groups}")
+
+    def disable_sequence_parallel(self) -> None:
+        r"""Remove sequence parallelism; the pipeline runs unsharded again (process groups stay initialised)."""
+        remove_sequence_parallel(self.transformer)
+
+    @property
+    def sequence_parallel_enabled(self) -> bool:
+        """Whether sequence parallelism is attached to the transformer."""
+        return get_sequence_parallel_runtime(self.transformer) is not None
+
+    def _sync_across_ranks(self, value: Any) -> Any:
+        # Every rank must denoise the same inputs, or the sharded results mix different images.
+        return broadcast_from_rank0(value) if self.sequence_parallel_enabled else value
+
+    def encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
+        return self._sync_across_ranks(super().encode_prompt(*args, **kwargs))
+
+    def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
+        return self._sync_across_ranks(super().prepare_latents(*args, **kwargs))
+
+    # ------------------------------------------------------------------ denoising progress
+
+    def _denoising_step(self) -> DenoisingStep:
+        scheduler = self.scheduler
+        step_index = scheduler.step_index
+        if step_index is None:  # set by the scheduler's first `step()`; the pipelines begin at index 0
+            step_index = scheduler.begin_index or 0
+        timesteps = getattr(scheduler, "timesteps", None)
+        return DenoisingStep(
+            step_index=step_index,
+            num_inference_steps=None if timesteps is None else len(timesteps),
+            timestep=getattr(self, "_current_timestep", None),
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self.transformer.denoising_progress(self._denoising_step):
+            return super().__call__(*args, **kwargs)

@@ -1,0 +1,165 @@
+"""Sequence parallelism on CPU with gloo against the single-process run (fp32).
+
+Tolerance: max abs diff <= 1e-4 (outputs, images in [0, 1]); the attention merge reorders sums, so bit-equality is not
+expected. Every case calls the model several times and checks each call: a collective read before it completes shows
+up as a random bad call. All cases of one world size run in one spawn.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_qwen_sp import QwenImageSPTransformer2DModel
+from diffusers_qwen_sp.hooks import (
+    SequenceParallelConfig,
+    apply_sequence_parallel,
+    get_sequence_parallel_runtime,
+    remove_sequence_parallel,
+)
+from diffusers_qwen_sp.pipelines import PIPELINES_BY_NAME
+from diffusers_qwen_sp.testing import build_tiny_pipeline, tiny_pipeline_call_kwargs, tiny_transformer_config
+from diffusers_qwen_sp.testing.multiprocess import run_distributed
+
+
+TOLERANCE = 1e-4
+DEGREES = {2: [(2, 1), (1, 2)], 4: [(4, 1), (1, 4), (2, 2)]}  # world -> [(ulysses, ring)]
+
+
+def _transformer_inputs(config, img_shapes, text_len=11, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    seq = sum(f * h * w for f, h, w in img_shapes)
+    mask = torch.ones(2, text_len, dtype=torch.long)
+    mask[1, text_len - 4 :] = 0  # the second prompt is 4 tokens shorter
+    return dict(
+        hidden_states=torch.randn(2, seq, config["in_channels"], generator=generator),
+        encoder_hidden_states=torch.randn(2, text_len, config["joint_attention_dim"], generator=generator),
+        encoder_hidden_states_mask=mask,
+        timestep=torch.tensor([0.9, 0.4]),
+        img_shapes=[list(img_shapes)] * 2,
+        return_dict=False,
+    )
+
+
+TRANSFORMER_CASES = {
+    # 5*7 = 35 image tokens: not divisible by 2 or 4; with 4 ranks the last chunk holds 8 slots, 3 of them padding
+    "plain_odd": ({}, [(1, 5, 7)]),
+    # 3 tokens over 4 ranks: the last rank holds only padding
+    "tiny_sequence": ({}, [(1, 1, 3)]),
+    "zero_cond_t": ({"zero_cond_t": True}, [(1, 4, 5), (1, 3, 3)]),
+    "layered": ({"use_additional_t_cond": True, "use_layer3d_rope": True}, [(1, 3, 3), (1, 3, 3), (1, 3, 3)]),
+}
+
+
+def _check_transformer(rank, world_size):
+    failures = []
+    for name, (overrides, img_shapes) in TRANSFORMER_CASES.items():
+        torch.manual_seed(0)
+        model = QwenImageSPTransformer2DModel(**tiny_transformer_config(**overrides)).eval()
+        kwargs = _transformer_inputs(model.config, img_shapes)
+        if overrides.get("use_additional_t_cond"):
+            kwargs["additional_t_cond"] = torch.tensor([0, 1])
+        with torch.no_grad():
+            expected = model(**kwargs)[0]
+            seen_lengths = []
+            probe = model.transformer_blocks[0].register_forward_pre_hook(
+                lambda module, args: seen_lengths.append(args[0].shape[1])
+            )
+            for ulysses, ring in DEGREES[world_size]:
+                apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+                model(**kwargs)
+                image_tokens = sum(f * h * w for f, h, w in img_shapes)
+                if seen_lengths[-1] != -(-image_tokens // world_size):  # the blocks see ceil(S / P) tokens
+                    failures.append(f"{name}: blocks saw {seen_lengths[-1]} of {image_tokens} image tokens")
+                for call in range(3):
+                    diff = (model(**kwargs)[0] - expected).abs().max().item()
+                    if not diff <= TOLERANCE:
+                        failures.append(f"{name} u{ulysses}r{ring} call {call}: {diff}")
+                remove_sequence_parallel(model)
+                if get_sequence_parallel_runtime(model) is not None or not torch.equal(model(**kwargs)[0], expected):
+                    failures.append(f"{name} u{ulysses}r{ring}: remove did not restore the unsharded model")
+            probe.remove()
+    return failures
+
+
+def _check_pipeline(rank, world_size):
+    failures = []
+    call = dict(
+        prompt=["a red cat", "two small blue squares on a big yellow field at noon"],
+        negative_prompt=["blurry", "low quality, watermark"],
+        height=40,  # latents 10x14 -> 5x7 = 35 image tokens
+        width=56,
+    )
+    pipe = build_tiny_pipeline("qwen_image", pipeline_cls=PIPELINES_BY_NAME["qwen_image"])
+    with torch.no_grad():
+        expected = pipe(**tiny_pipeline_call_kwargs("qwen_image", **call)).images
+        for ulysses, ring in DEGREES[world_size]:
+            pipe.enable_sequence_parallel(ulysses_degree=ulysses, ring_degree=ring)
+            # A different seed on every rank: the pipeline must still denoise rank 0's noise everywhere.
+            kwargs = tiny_pipeline_call_kwargs("qwen_image", **call)
+            kwargs["generator"] = torch.Generator().manual_seed(rank * 0 if rank == 0 else 1000 + rank)
+            images = pipe(**kwargs).images
+            diff = (images - expected).abs().max().item()
+            if not diff <= TOLERANCE:
+                failures.append(f"pipeline u{ulysses}r{ring}: {diff}")
+            pipe.disable_sequence_parallel()
+    return failures
+
+
+def _run_all(rank, world_size):
+    return _check_transformer(rank, world_size) + _check_pipeline(rank, world_size)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sequence_parallel_matches_single_process(world_size):
+    results = run_distributed(_run_all, world_size, timeout=400)
+    for rank, failures in enumerate(results):
+        assert failures == [], f"rank {rank}: {failures}"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="ulysses_degree must be a positive integer, got 0"):
+        SequenceParallelConfig(ulysses_degree=0)
+    with pytest.raises(ValueError, match="cfg_degree must be 1 or 2"):
+        SequenceParallelConfig(cfg_degree=3)
+    with pytest.raises(ValueError, match="attention_backend='fast'"):
+        SequenceParallelConfig(attention_backend="fast")
+
+
+def _errors(rank, world_size):
+    messages = {}
+    torch.manual_seed(0)
+    model = QwenImageSPTransformer2DModel(**tiny_transformer_config())  # 4 heads
+    for name, config in {
+        "product": SequenceParallelConfig(ulysses_degree=2, ring_degree=2),  # 4 != world 2
+        "heads": None,
+    }.items():
+        try:
+            if name == "heads":
+                model3 = QwenImageSPTransformer2DModel(**tiny_transformer_config(num_attention_heads=3))
+                apply_sequence_parallel(model3, SequenceParallelConfig(ulysses_degree=2))
+            else:
+                apply_sequence_parallel(model, config)
+        except ValueError as error:
+            messages[name] = str(error)
+    model._parallel_config = object()  # what diffusers' enable_parallelism leaves behind
+    try:
+        apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=2))
+    except RuntimeError as error:
+        messages["diffusers_cp"] = str(error)
+    return messages
+
+
+def test_clear_errors_under_a_launcher():
+    messages = run_distributed(_errors, 2, timeout=120)[0]
+    assert "= 4, but the world size is 2" in messages["product"]
+    assert "ulysses_degree=2 does not divide the 3 attention heads" in messages["heads"]
+    assert "enable_parallelism" in messages["diffusers_cp"]
+
+
+def test_no_launcher_environment(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    model = QwenImageSPTransformer2DModel(**tiny_transformer_config())
+    with pytest.raises(RuntimeError, match="torchrun --nproc-per-node"):
+        apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=2))
