@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -61,11 +62,51 @@ def build_parser() -> argparse.ArgumentParser:
                           help="default: bfloat16 on CUDA, float32 on CPU")
     generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     generate.add_argument("--output", default="output.png", help="PNG path (several images get _0, _1, ... suffixes)")
+    _add_parallel_arguments(generate)
     return parser
 
 
+def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "parallelism", "launch with `torchrun --nproc-per-node N -m diffusers_qwen_sp ...` (or accelerate launch)"
+    )
+    group.add_argument("--ulysses-degree", type=_positive_int, default=None,
+                       help="all-to-all sequence parallel degree (must divide the 24 heads of Qwen-Image)")
+    group.add_argument("--ring-degree", type=_positive_int, default=None, help="ring attention degree")
+    group.add_argument("--attention-backend", default="auto",
+                       help="per-block kernel: auto, math, cpu_flash, flash, efficient, flash_attn")
+    group.add_argument("--timeout", type=float, default=600.0,
+                       help="collective timeout in seconds: a dead rank stops the others after this long")
+
+
+def _sequence_parallel_config(args: argparse.Namespace) -> Any:
+    r"""The SP config the flags ask for, or `None` for a single process. Under a launcher, the degrees default to
+    Ulysses over all processes."""
+    from .hooks import SequenceParallelConfig
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    ulysses, ring = args.ulysses_degree, args.ring_degree
+    if world_size == 1 and (ulysses or 1) * (ring or 1) == 1:
+        return None
+    if ulysses is None and ring is None:
+        ulysses = world_size
+    return SequenceParallelConfig(
+        ulysses_degree=ulysses or 1, ring_degree=ring or 1, attention_backend=args.attention_backend,
+        timeout=args.timeout,
+    )
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    default = "cpu"
+    if torch.cuda.is_available():  # one GPU per local rank under torchrun / accelerate launch
+        default = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    device = torch.device(args.device or default)
     if args.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     else:
@@ -129,7 +170,10 @@ def generate(args: argparse.Namespace) -> list[Path]:
     from PIL import Image
 
     device, dtype = _device_and_dtype(args)
+    sp_config = _sequence_parallel_config(args)
     pipe, tiny = load_pipeline(args.model, dtype)
+    if sp_config is not None:
+        pipe.enable_sequence_parallel(sp_config)
     pipe.to(device)
     height = args.height or (64 if tiny else 1328)
     width = args.width or (64 if tiny else 1328)
@@ -154,10 +198,13 @@ def generate(args: argparse.Namespace) -> list[Path]:
     start = time.perf_counter()
     result = pipe(**call)
     elapsed = time.perf_counter() - start
+    if not _is_main_process():  # every rank holds the same image: rank 0 writes it
+        return []
     paths = _save_images(result.images, Path(args.output))
     for path in paths:
         print(f"wrote {path}")
-    print(f"{steps} steps at {height}x{width} in {elapsed:.1f} s")
+    mode = "" if sp_config is None else f" (ulysses {sp_config.ulysses_degree} x ring {sp_config.ring_degree})"
+    print(f"{steps} steps at {height}x{width} in {elapsed:.1f} s{mode}")
     return paths
 
 
@@ -169,6 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -18,11 +18,23 @@ from diffusers_qwen_sp.hooks import (
     remove_sequence_parallel,
 )
 from diffusers_qwen_sp.pipelines import PIPELINES_BY_NAME
-from diffusers_qwen_sp.testing import build_tiny_pipeline, tiny_pipeline_call_kwargs, tiny_transformer_config
+from diffusers_qwen_sp.testing import (
+    build_tiny_pipeline,
+    small_reference_images,
+    tiny_pipeline_call_kwargs,
+    tiny_transformer_config,
+)
 from diffusers_qwen_sp.testing.multiprocess import run_distributed
 
 
 TOLERANCE = 1e-4
+OURS_BY_VARIANT = {
+    "qwen_image": PIPELINES_BY_NAME["qwen_image"],
+    "qwen_image_edit": PIPELINES_BY_NAME["qwen_image_edit"],
+    "qwen_image_edit_plus": PIPELINES_BY_NAME["qwen_image_edit_plus"],
+    "qwen_image_edit_2511": PIPELINES_BY_NAME["qwen_image_edit_plus"],
+    "qwen_image_layered": PIPELINES_BY_NAME["qwen_image_layered"],
+}
 DEGREES = {2: [(2, 1), (1, 2)], 4: [(4, 1), (1, 4), (2, 2)]}  # world -> [(ulysses, ring)]
 
 
@@ -82,28 +94,54 @@ def _check_transformer(rank, world_size):
     return failures
 
 
-def _check_pipeline(rank, world_size):
-    failures = []
-    call = dict(
+# world -> [(cfg, ulysses, ring)] for the pipelines
+PIPELINE_MODES = {2: [(1, 2, 1), (1, 1, 2), (2, 1, 1)], 4: [(1, 4, 1), (1, 1, 4), (1, 2, 2), (2, 2, 1), (2, 1, 2)]}
+
+PIPELINE_CALLS = {
+    # batch 2, prompts of different lengths, 5x7 = 35 image tokens (odd), true CFG on
+    "qwen_image": dict(
         prompt=["a red cat", "two small blue squares on a big yellow field at noon"],
         negative_prompt=["blurry", "low quality, watermark"],
-        height=40,  # latents 10x14 -> 5x7 = 35 image tokens
+        height=40,
         width=56,
-    )
-    pipe = build_tiny_pipeline("qwen_image", pipeline_cls=PIPELINES_BY_NAME["qwen_image"])
-    with torch.no_grad():
-        expected = pipe(**tiny_pipeline_call_kwargs("qwen_image", **call)).images
-        for ulysses, ring in DEGREES[world_size]:
-            pipe.enable_sequence_parallel(ulysses_degree=ulysses, ring_degree=ring)
-            # A different seed on every rank: the pipeline must still denoise rank 0's noise everywhere.
-            kwargs = tiny_pipeline_call_kwargs("qwen_image", **call)
-            kwargs["generator"] = torch.Generator().manual_seed(rank * 0 if rank == 0 else 1000 + rank)
-            images = pipe(**kwargs).images
-            diff = (images - expected).abs().max().item()
-            if not diff <= TOLERANCE:
-                failures.append(f"pipeline u{ulysses}r{ring}: {diff}")
-            pipe.disable_sequence_parallel()
+    ),
+    # CFG off: with cfg_degree=2 the batch of 2 is split between the CFG ranks
+    "qwen_image_no_cfg": dict(prompt=["a red cat", "a blue dog on grass"], true_cfg_scale=1.0, height=40, width=56),
+    "qwen_image_edit": {},
+    "qwen_image_edit_plus": {},  # two reference images of different sizes
+    "qwen_image_edit_2511": {},  # zero_cond_t: reference tokens modulated at t = 0
+    "qwen_image_layered": {},
+}
+
+
+def _variant(name):
+    return "qwen_image" if name.startswith("qwen_image_no_cfg") else name
+
+
+def _check_pipeline(rank, world_size):
+    failures = []
+    with small_reference_images(), torch.no_grad():
+        for name, call in PIPELINE_CALLS.items():
+            variant = _variant(name)
+            stock = build_tiny_pipeline(variant)
+            expected = _as_tensor(stock(**tiny_pipeline_call_kwargs(variant, **call)).images)
+            pipe = build_tiny_pipeline(variant, pipeline_cls=OURS_BY_VARIANT[variant])
+            for cfg, ulysses, ring in PIPELINE_MODES[world_size]:
+                pipe.enable_sequence_parallel(cfg_degree=cfg, ulysses_degree=ulysses, ring_degree=ring)
+                for repeat in range(2):
+                    kwargs = tiny_pipeline_call_kwargs(variant, **call)
+                    # A different seed on every rank: the pipeline must still denoise rank 0's noise everywhere.
+                    kwargs["generator"] = torch.Generator().manual_seed(0 if rank == 0 else 1000 + rank)
+                    images = _as_tensor(pipe(**kwargs).images)
+                    diff = (images - expected).abs().max().item()
+                    if not diff <= TOLERANCE:
+                        failures.append(f"{name} cfg{cfg} u{ulysses} r{ring} call {repeat}: {diff}")
+                pipe.disable_sequence_parallel()
     return failures
+
+
+def _as_tensor(images):
+    return torch.stack(list(images)) if isinstance(images, list) else images
 
 
 def _run_all(rank, world_size):

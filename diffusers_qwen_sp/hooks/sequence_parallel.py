@@ -136,6 +136,8 @@ def _split_along(tensor: torch.Tensor, dim: int, runtime: SequenceParallelRuntim
     world, rank = runtime.world_size, runtime.rank
     length = tensor.shape[dim]
     runtime.image_seq_len = length
+    if world == 1:  # CFG parallel alone: nothing to shard
+        return tensor
     local = -(-length // world)  # ceil(S / P)
     padding = local * world - length
     if padding:
@@ -183,6 +185,9 @@ class SequenceGatherHook(ModelHook):
             )
         dim = self.gather.dim
         world = runtime.world_size
+        if world == 1:
+            runtime.image_seq_len = None
+            return output
         local = output.movedim(dim, 0).contiguous()  # (.., S/P, ..) -> (S/P, ..)
         gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
         # (S/P, ..) on each rank -> (P * S/P, ..): chunks in SP-rank order, the order they were split in

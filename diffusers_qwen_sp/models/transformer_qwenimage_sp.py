@@ -354,6 +354,12 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
         interval = None
         if controlnet_block_samples is not None:
             interval = int(math.ceil(len(self.transformer_blocks) / len(controlnet_block_samples)))
+            if controlnet_block_samples[0].shape[1] != hidden_states.shape[1]:
+                raise ValueError(
+                    f"controlnet_block_samples have {controlnet_block_samples[0].shape[1]} image tokens but the blocks "
+                    f"see {hidden_states.shape[1]}: sequence parallelism shards the image sequence and does not shard "
+                    "controlnet residuals. Run controlnet pipelines without sequence parallelism."
+                )
         for index in range(len(self.transformer_blocks)):
             encoder_hidden_states, hidden_states = self.run_block(index, inputs, hidden_states, encoder_hidden_states)
             if interval is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from diffusers.utils import logging
 
 from ..distributed import broadcast_from_rank0
+from ..hooks.cfg_parallel import apply_cfg_parallel, get_cfg_parallel_hook, remove_cfg_parallel
 from ..hooks.sequence_parallel import (
     SequenceParallelConfig,
     apply_sequence_parallel,
@@ -76,8 +78,9 @@ class QwenImageSPPipelineMixin:
 
         ```py
         >>> # torchrun --nproc-per-node 4 script.py
-        >>> pipe = QwenImageSPPipeline.from_pretrained("Qwen/Qwen-Image", torch_dtype=torch.bfloat16).to("cuda")
+        >>> pipe = QwenImageSPPipeline.from_pretrained("Qwen/Qwen-Image", torch_dtype=torch.bfloat16)
         >>> pipe.enable_sequence_parallel(ulysses_degree=2, ring_degree=2)
+        >>> pipe.to("cuda")  # this rank's GPU, set by enable_sequence_parallel
         >>> image = pipe("a red fox in the snow", negative_prompt=" ", true_cfg_scale=4.0).images[0]
         ```
         """
@@ -86,12 +89,16 @@ class QwenImageSPPipelineMixin:
         if config is None and kwargs:
             config = SequenceParallelConfig(**kwargs)
         runtime = apply_sequence_parallel(self.transformer, config)
+        if runtime.config.cfg_degree > 1:
+            apply_cfg_parallel(self.transformer, runtime.groups)
         if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             self.to(f"cuda:{torch.cuda.current_device()}")
         logger.info(f"Sequence parallelism enabled: {runtime.groups}")
 
     def disable_sequence_parallel(self) -> None:
-        r"""Remove sequence parallelism; the pipeline runs unsharded again (process groups stay initialised)."""
+        r"""Remove sequence (and CFG) parallelism; the pipeline runs unsharded again (process groups stay initialised)."""
+        if get_cfg_parallel_hook(self.transformer) is not None:
+            remove_cfg_parallel(self.transformer)
         remove_sequence_parallel(self.transformer)
 
     @property
@@ -123,6 +130,19 @@ class QwenImageSPPipelineMixin:
             timestep=getattr(self, "_current_timestep", None),
         )
 
+    def _uses_true_cfg(self, args: tuple, kwargs: dict) -> bool:
+        # The stock rule: true CFG runs when true_cfg_scale > 1 and a negative prompt (or its embeddings) is given.
+        bound = inspect.signature(super().__call__).bind(*args, **kwargs)
+        bound.apply_defaults()
+        call = bound.arguments
+        has_negative = call.get("negative_prompt") is not None or (
+            call.get("negative_prompt_embeds") is not None and call.get("negative_prompt_embeds_mask") is not None
+        )
+        return call.get("true_cfg_scale", 1.0) > 1 and has_negative
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        cfg_hook = get_cfg_parallel_hook(self.transformer)
+        if cfg_hook is not None:
+            cfg_hook.true_cfg = self._uses_true_cfg(args, kwargs)
         with self.transformer.denoising_progress(self._denoising_step):
             return super().__call__(*args, **kwargs)
