@@ -1,4 +1,4 @@
-"""Command line: `python -m diffusers_qwen_sp generate ...` (also installed as `diffusers-qwen-sp`)."""
+"""Command line: `python -m diffusers_qwen_sp {generate,calibrate-teacache} ...` (also `diffusers-qwen-sp`)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,18 @@ from diffusers.utils import logging
 
 logger = logging.get_logger("diffusers_qwen_sp")
 
-# Stock diffusers pipeline class (model_index.json `_class_name`) -> our custom-pipeline name.
-_PIPELINE_NAME_BY_STOCK_CLASS = {
-    "QwenImagePipeline": "qwen_image",
-    "QwenImageEditPipeline": "qwen_image_edit",
-    "QwenImageEditPlusPipeline": "qwen_image_edit_plus",
-    "QwenImageLayeredPipeline": "qwen_image_layered",
-}
-
 
 def _positive_int(value: str) -> int:
     number = int(value)
     if number <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def _threshold(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected a threshold >= 0 (e.g. 0.2), got {value}")
     return number
 
 
@@ -46,24 +45,41 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate an image. With no --model, a tiny offline model is used so the command runs anywhere "
         "(it draws noise: use a real checkpoint for pictures).",
     )
-    generate.add_argument("--model", default=None, help="Hub id or local folder of a Qwen-Image pipeline "
-                          "(e.g. Qwen/Qwen-Image); default: the tiny offline model")
+    _add_model_arguments(generate, default_size="1328", default_steps="50")
     generate.add_argument("--prompt", default="a red circle on a blue background")
-    generate.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default: ' ')")
-    generate.add_argument("--image", action="append", default=None,
-                          help="input image for edit and layered pipelines (repeat for several)")
-    generate.add_argument("--height", type=_positive_int, default=None, help="default: 1328 (tiny model: 64)")
-    generate.add_argument("--width", type=_positive_int, default=None, help="default: 1328 (tiny model: 64)")
-    generate.add_argument("--steps", type=_positive_int, default=None, help="default: 50 (tiny model: 4)")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--true-cfg-scale", type=float, default=4.0,
-                          help="true classifier-free guidance scale; <= 1 disables CFG")
-    generate.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                          help="default: bfloat16 on CUDA, float32 on CPU")
-    generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     generate.add_argument("--output", default="output.png", help="PNG path (several images get _0, _1, ... suffixes)")
+    generate.add_argument("--teacache", type=_threshold, default=None, metavar="THRESHOLD",
+                          help="enable TeaCache with this threshold (0.2 is a good start; higher skips more steps)")
     _add_parallel_arguments(generate)
+
+    calibrate = commands.add_parser(
+        "calibrate-teacache",
+        help="fit TeaCache coefficients for a model",
+        description="Run the model uncached over a set of prompts, record (input rel-L1, output rel-L1) per step and "
+        "fit a polynomial; prints a TeaCacheConfig(coefficients=[...]) line.",
+    )
+    _add_model_arguments(calibrate, default_size="1024", default_steps="50")
+    calibrate.add_argument("--prompts", nargs="+", default=None, help="prompts to run, one call each")
+    calibrate.add_argument("--degree", type=_positive_int, default=4, help="degree of the polynomial (default: 4)")
     return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, default_size: str, default_steps: str) -> None:
+    parser.add_argument("--model", default=None, help="Hub id or local folder of a Qwen-Image pipeline "
+                        "(e.g. Qwen/Qwen-Image); default: the tiny offline model")
+    parser.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default: ' ')")
+    parser.add_argument("--image", action="append", default=None,
+                        help="input image for edit and layered pipelines (repeat for several)")
+    parser.add_argument("--height", type=_positive_int, default=None, help=f"default: {default_size} (tiny model: 64)")
+    parser.add_argument("--width", type=_positive_int, default=None, help=f"default: {default_size} (tiny model: 64)")
+    parser.add_argument("--steps", type=_positive_int, default=None, help=f"default: {default_steps} (tiny model: 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--true-cfg-scale", type=float, default=4.0,
+                        help="true classifier-free guidance scale; <= 1 disables CFG")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", default=None, help="default: this rank's GPU when CUDA is available, else cpu")
+    parser.set_defaults(default_size=int(default_size), default_steps=int(default_steps))
 
 
 def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +89,8 @@ def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ulysses-degree", type=_positive_int, default=None,
                        help="all-to-all sequence parallel degree (must divide the 24 heads of Qwen-Image)")
     group.add_argument("--ring-degree", type=_positive_int, default=None, help="ring attention degree")
+    group.add_argument("--cfg-parallel", action="store_true",
+                       help="run the two true-CFG branches on two halves of the processes")
     group.add_argument("--attention-backend", default="auto",
                        help="per-block kernel: auto, math, cpu_flash, flash, efficient, flash_attn")
     group.add_argument("--timeout", type=float, default=600.0,
@@ -80,19 +98,22 @@ def _add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _sequence_parallel_config(args: argparse.Namespace) -> Any:
-    r"""The SP config the flags ask for, or `None` for a single process. Under a launcher, the degrees default to
-    Ulysses over all processes."""
+    r"""The parallel config the flags ask for, or `None` for a single process. Under a launcher the SP degrees default
+    to Ulysses over all processes (over half of them with --cfg-parallel)."""
     from .hooks import SequenceParallelConfig
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = 2 if args.cfg_parallel else 1
     ulysses, ring = args.ulysses_degree, args.ring_degree
-    if world_size == 1 and (ulysses or 1) * (ring or 1) == 1:
+    if world_size == 1 and cfg * (ulysses or 1) * (ring or 1) == 1:
         return None
     if ulysses is None and ring is None:
-        ulysses = world_size
+        if world_size % cfg:
+            raise ValueError(f"--cfg-parallel needs an even number of processes, got {world_size}.")
+        ulysses = world_size // cfg
     return SequenceParallelConfig(
-        ulysses_degree=ulysses or 1, ring_degree=ring or 1, attention_backend=args.attention_backend,
-        timeout=args.timeout,
+        ulysses_degree=ulysses or 1, ring_degree=ring or 1, cfg_degree=cfg,
+        attention_backend=args.attention_backend, timeout=args.timeout,
     )
 
 
@@ -118,7 +139,7 @@ def load_pipeline(model: str | None, dtype: torch.dtype) -> tuple[Any, bool]:
     r"""Load `model` into our pipeline class for its kind; `None` builds the tiny offline model. Returns `(pipe, tiny)`."""
     from diffusers import DiffusionPipeline
 
-    from .pipelines import PIPELINES_BY_NAME
+    from .pipelines import PIPELINES_BY_NAME, PIPELINES_BY_STOCK_NAME
 
     if model is None:
         from .testing import build_tiny_pipeline
@@ -126,13 +147,13 @@ def load_pipeline(model: str | None, dtype: torch.dtype) -> tuple[Any, bool]:
         return build_tiny_pipeline("qwen_image", pipeline_cls=PIPELINES_BY_NAME["qwen_image"]), True
     config = DiffusionPipeline.load_config(model)
     stock_class = config.get("_class_name")
-    name = _PIPELINE_NAME_BY_STOCK_CLASS.get(stock_class)
-    if name is None:
+    pipeline_cls = PIPELINES_BY_STOCK_NAME.get(stock_class)
+    if pipeline_cls is None:
         raise ValueError(
-            f"{model} holds a {stock_class} pipeline; diffusers_qwen_sp runs {sorted(_PIPELINE_NAME_BY_STOCK_CLASS)}. "
+            f"{model} holds a {stock_class} pipeline; diffusers_qwen_sp runs {sorted(PIPELINES_BY_STOCK_NAME)}. "
             "Pass a Qwen-Image, Qwen-Image-Edit(-Plus) or Qwen-Image-Layered checkpoint."
         )
-    return PIPELINES_BY_NAME[name].from_pretrained(model, torch_dtype=dtype), False
+    return pipeline_cls.from_pretrained(model, torch_dtype=dtype), False
 
 
 def check_image_size(height: int, width: int, multiple: int) -> None:
@@ -144,6 +165,37 @@ def check_image_size(height: int, width: int, multiple: int) -> None:
                 f"{label}={value} is not a multiple of {multiple} (the VAE's scale factor times the patch size); "
                 f"use {lower} or {lower + multiple}."
             )
+
+
+def _prepare(args: argparse.Namespace, sp_config: Any = None) -> tuple[Any, dict[str, Any], int]:
+    r"""Load the pipeline on this rank's device and build the call arguments shared by both commands."""
+    from PIL import Image
+
+    device, dtype = _device_and_dtype(args)
+    pipe, tiny = load_pipeline(args.model, dtype)
+    if sp_config is not None:
+        pipe.enable_sequence_parallel(sp_config)  # first: it sets this rank's GPU
+    pipe.to(device)
+    kind = type(pipe).__name__
+    layered = "Layered" in kind
+    steps = args.steps or (8 if tiny else args.default_steps)
+    call: dict[str, Any] = dict(
+        negative_prompt=args.negative_prompt,
+        true_cfg_scale=args.true_cfg_scale,
+        num_inference_steps=steps,
+        generator=torch.Generator(device="cpu").manual_seed(args.seed),
+    )
+    if args.image:
+        images = [Image.open(path).convert("RGBA" if layered else "RGB") for path in args.image]
+        call["image"] = images if len(images) > 1 else images[0]
+    elif "Edit" in kind or layered:
+        raise ValueError(f"{kind} edits an input image: pass one with --image PATH.")
+    if not layered:  # Layered sizes its output from the input image
+        height = args.height or (64 if tiny else args.default_size)
+        width = args.width or (64 if tiny else args.default_size)
+        check_image_size(height, width, pipe.vae_scale_factor * 2)
+        call.update(height=height, width=width)
+    return pipe, call, steps
 
 
 def _save_images(images: Any, output: Path) -> list[Path]:
@@ -166,46 +218,48 @@ def _save_images(images: Any, output: Path) -> list[Path]:
 
 
 def generate(args: argparse.Namespace) -> list[Path]:
-    r"""Run the `generate` command; returns the paths written."""
-    from PIL import Image
-
-    device, dtype = _device_and_dtype(args)
+    r"""Run the `generate` command; returns the paths written (on rank 0; other ranks write nothing)."""
     sp_config = _sequence_parallel_config(args)
-    pipe, tiny = load_pipeline(args.model, dtype)
-    if sp_config is not None:
-        pipe.enable_sequence_parallel(sp_config)
-    pipe.to(device)
-    height = args.height or (64 if tiny else 1328)
-    width = args.width or (64 if tiny else 1328)
-    steps = args.steps or (4 if tiny else 50)
-    check_image_size(height, width, pipe.vae_scale_factor * 2)
-
-    call: dict[str, Any] = dict(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        true_cfg_scale=args.true_cfg_scale,
-        num_inference_steps=steps,
-        generator=torch.Generator(device="cpu").manual_seed(args.seed),
-    )
-    if args.image:
-        images = [Image.open(path).convert("RGBA" if "Layered" in type(pipe).__name__ else "RGB") for path in args.image]
-        call["image"] = images if len(images) > 1 else images[0]
-    elif "Edit" in type(pipe).__name__ or "Layered" in type(pipe).__name__:
-        raise ValueError(f"{type(pipe).__name__} edits an input image: pass one with --image PATH.")
-    if "Layered" not in type(pipe).__name__:
-        call.update(height=height, width=width)
+    pipe, call, steps = _prepare(args, sp_config)
+    if args.teacache is not None:
+        pipe.enable_teacache(threshold=args.teacache, num_inference_steps=steps)
 
     start = time.perf_counter()
-    result = pipe(**call)
+    result = pipe(prompt=args.prompt, **call)
     elapsed = time.perf_counter() - start
+    stats = pipe.teacache_stats() if args.teacache is not None else None  # collective under CFG parallel
     if not _is_main_process():  # every rank holds the same image: rank 0 writes it
         return []
     paths = _save_images(result.images, Path(args.output))
     for path in paths:
         print(f"wrote {path}")
-    mode = "" if sp_config is None else f" (ulysses {sp_config.ulysses_degree} x ring {sp_config.ring_degree})"
-    print(f"{steps} steps at {height}x{width} in {elapsed:.1f} s{mode}")
+    size = f" at {call['height']}x{call['width']}" if "height" in call else ""
+    mode = ""
+    if sp_config is not None:
+        mode = f" (cfg {sp_config.cfg_degree} x ring {sp_config.ring_degree} x ulysses {sp_config.ulysses_degree})"
+    print(f"{steps} steps{size} in {elapsed:.1f} s{mode}")
+    if stats is not None:
+        for branch, entry in stats.items():
+            print(f"TeaCache {branch}: computed {entry['computed']}, skipped {entry['skipped']}")
     return paths
+
+
+def calibrate(args: argparse.Namespace) -> Any:
+    r"""Run the `calibrate-teacache` command and print coefficients ready for `TeaCacheConfig`."""
+    from .teacache_calibration import DEFAULT_CALIBRATION_PROMPTS, calibrate_teacache, format_coefficients
+
+    pipe, call, steps = _prepare(args)
+    prompts = list(args.prompts) if args.prompts else list(DEFAULT_CALIBRATION_PROMPTS)
+    call["output_type"] = "latent"  # the VAE decode tells nothing about the transformer
+    start = time.perf_counter()
+    calibration = calibrate_teacache(pipe, prompts, degree=args.degree, **call)
+    elapsed = time.perf_counter() - start
+    inputs = [pair[0] for pair in calibration.pairs]
+    print(f"{len(calibration.pairs)} (input rel-L1, output rel-L1) pairs from {len(prompts)} prompts x {steps} steps "
+          f"in {elapsed:.1f} s; fit RMS residual {calibration.residual:.4g}")
+    print(f"input rel-L1 range: {min(inputs):.4g} .. {max(inputs):.4g} (the fit is only meaningful inside it)")
+    print(format_coefficients(calibration))
+    return calibration
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             generate(args)
+        elif args.command == "calibrate-teacache":
+            calibrate(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -18,21 +18,16 @@ from diffusers_qwen_sp import QwenImageSPTransformer2DModel, custom_pipeline_pat
 from diffusers_qwen_sp.cli import main as cli_main
 from diffusers_qwen_sp.pipelines import PIPELINES_BY_NAME
 from diffusers_qwen_sp.testing import (
+    TINY_VARIANTS,
     build_tiny_pipeline,
     save_tiny_pipeline,
     small_reference_images,
+    sp_pipeline_class,
     tiny_from_pretrained_kwargs,
     tiny_pipeline_call_kwargs,
 )
 
 
-OURS_BY_VARIANT = {
-    "qwen_image": PIPELINES_BY_NAME["qwen_image"],
-    "qwen_image_edit": PIPELINES_BY_NAME["qwen_image_edit"],
-    "qwen_image_edit_plus": PIPELINES_BY_NAME["qwen_image_edit_plus"],
-    "qwen_image_edit_2511": PIPELINES_BY_NAME["qwen_image_edit_plus"],
-    "qwen_image_layered": PIPELINES_BY_NAME["qwen_image_layered"],
-}
 
 
 def _images(pipe, variant, **overrides):
@@ -42,10 +37,10 @@ def _images(pipe, variant, **overrides):
     return torch.stack(list(images)) if isinstance(images, list) else images
 
 
-@pytest.mark.parametrize("variant", sorted(OURS_BY_VARIANT))
+@pytest.mark.parametrize("variant", TINY_VARIANTS)
 def test_pipeline_matches_stock(variant):
     stock = build_tiny_pipeline(variant)
-    ours = build_tiny_pipeline(variant, pipeline_cls=OURS_BY_VARIANT[variant])
+    ours = build_tiny_pipeline(variant, pipeline_cls=sp_pipeline_class(variant))
     assert isinstance(ours.transformer, QwenImageSPTransformer2DModel)
     expected = _images(stock, variant)
     actual = _images(ours, variant)
@@ -55,7 +50,7 @@ def test_pipeline_matches_stock(variant):
 
 def test_batch_of_prompts_matches_stock():
     stock = build_tiny_pipeline("qwen_image")
-    ours = build_tiny_pipeline("qwen_image", pipeline_cls=OURS_BY_VARIANT["qwen_image"])
+    ours = build_tiny_pipeline("qwen_image", pipeline_cls=sp_pipeline_class("qwen_image"))
     overrides = dict(
         prompt=["a red cat", "two small blue squares on a big yellow field at noon"],
         negative_prompt=["blurry", "low quality, watermark, text"],
@@ -86,7 +81,7 @@ class _RecordContexts(ModelHook):
 
 
 def test_cache_context_carries_the_denoising_step():
-    pipe = build_tiny_pipeline("qwen_image", pipeline_cls=OURS_BY_VARIANT["qwen_image"])
+    pipe = build_tiny_pipeline("qwen_image", pipeline_cls=sp_pipeline_class("qwen_image"))
     hook = _RecordContexts()
     HookRegistry.check_if_exists_or_initialize(pipe.transformer).register_hook(hook, "record")
     _images(pipe, "qwen_image", num_inference_steps=3)
@@ -99,7 +94,7 @@ def test_cache_context_carries_the_denoising_step():
 
 def test_stock_transformer_is_converted_sharing_weights():
     stock = build_tiny_pipeline("qwen_image")
-    ours = OURS_BY_VARIANT["qwen_image"](**stock.components)
+    ours = sp_pipeline_class("qwen_image")(**stock.components)
     assert isinstance(ours.transformer, QwenImageSPTransformer2DModel)
     assert ours.transformer.img_in.weight.data_ptr() == stock.transformer.img_in.weight.data_ptr()
     ours.transformer = stock.transformer  # setting it later converts as well

@@ -17,10 +17,10 @@ from diffusers_qwen_sp.hooks import (
     get_sequence_parallel_runtime,
     remove_sequence_parallel,
 )
-from diffusers_qwen_sp.pipelines import PIPELINES_BY_NAME
 from diffusers_qwen_sp.testing import (
     build_tiny_pipeline,
     small_reference_images,
+    sp_pipeline_class,
     tiny_pipeline_call_kwargs,
     tiny_transformer_config,
 )
@@ -28,13 +28,6 @@ from diffusers_qwen_sp.testing.multiprocess import run_distributed
 
 
 TOLERANCE = 1e-4
-OURS_BY_VARIANT = {
-    "qwen_image": PIPELINES_BY_NAME["qwen_image"],
-    "qwen_image_edit": PIPELINES_BY_NAME["qwen_image_edit"],
-    "qwen_image_edit_plus": PIPELINES_BY_NAME["qwen_image_edit_plus"],
-    "qwen_image_edit_2511": PIPELINES_BY_NAME["qwen_image_edit_plus"],
-    "qwen_image_layered": PIPELINES_BY_NAME["qwen_image_layered"],
-}
 DEGREES = {2: [(2, 1), (1, 2)], 4: [(4, 1), (1, 4), (2, 2)]}  # world -> [(ulysses, ring)]
 
 
@@ -118,6 +111,14 @@ def _variant(name):
     return "qwen_image" if name.startswith("qwen_image_no_cfg") else name
 
 
+TEACACHE = dict(threshold=0.15)
+TEACACHE_STEPS = 6
+
+
+def _skip_lists(stats):
+    return {branch: (entry["computed"], entry["skipped"]) for branch, entry in stats.items()}
+
+
 def _check_pipeline(rank, world_size):
     failures = []
     with small_reference_images(), torch.no_grad():
@@ -125,17 +126,34 @@ def _check_pipeline(rank, world_size):
             variant = _variant(name)
             stock = build_tiny_pipeline(variant)
             expected = _as_tensor(stock(**tiny_pipeline_call_kwargs(variant, **call)).images)
-            pipe = build_tiny_pipeline(variant, pipeline_cls=OURS_BY_VARIANT[variant])
+            pipe = build_tiny_pipeline(variant, pipeline_cls=sp_pipeline_class(variant))
+            # Single-process TeaCache reference: the images and skip lists every SP mode must reproduce.
+            pipe.enable_teacache(**TEACACHE)
+            cached_call = tiny_pipeline_call_kwargs(variant, **call, num_inference_steps=TEACACHE_STEPS)
+            expected_cached = _as_tensor(pipe(**cached_call).images)
+            expected_skips = _skip_lists(pipe.teacache_stats())
+            pipe.disable_teacache()
+            if not any(skipped for _, skipped in expected_skips.values()):
+                failures.append(f"{name}: TeaCache skipped nothing at {TEACACHE}, the SP check would be vacuous")
             for cfg, ulysses, ring in PIPELINE_MODES[world_size]:
+                mode = f"{name} cfg{cfg} u{ulysses} r{ring}"
                 pipe.enable_sequence_parallel(cfg_degree=cfg, ulysses_degree=ulysses, ring_degree=ring)
                 for repeat in range(2):
                     kwargs = tiny_pipeline_call_kwargs(variant, **call)
                     # A different seed on every rank: the pipeline must still denoise rank 0's noise everywhere.
                     kwargs["generator"] = torch.Generator().manual_seed(0 if rank == 0 else 1000 + rank)
-                    images = _as_tensor(pipe(**kwargs).images)
-                    diff = (images - expected).abs().max().item()
+                    diff = (_as_tensor(pipe(**kwargs).images) - expected).abs().max().item()
                     if not diff <= TOLERANCE:
-                        failures.append(f"{name} cfg{cfg} u{ulysses} r{ring} call {repeat}: {diff}")
+                        failures.append(f"{mode} call {repeat}: {diff}")
+                pipe.enable_teacache(**TEACACHE)
+                cached = _as_tensor(pipe(**tiny_pipeline_call_kwargs(variant, **call, num_inference_steps=TEACACHE_STEPS)).images)
+                diff = (cached - expected_cached).abs().max().item()
+                if not diff <= TOLERANCE:
+                    failures.append(f"{mode} TeaCache: {diff}")
+                skips = _skip_lists(pipe.teacache_stats())  # merged over the CFG ranks under CFG parallel
+                if skips != expected_skips:
+                    failures.append(f"{mode} TeaCache skip lists {skips} != single process {expected_skips}")
+                pipe.disable_teacache()
                 pipe.disable_sequence_parallel()
     return failures
 

@@ -20,10 +20,17 @@ from ..hooks.sequence_parallel import (
     get_sequence_parallel_runtime,
     remove_sequence_parallel,
 )
+from ..hooks.teacache import TeaCacheConfig, apply_teacache, remove_teacache
+from ..hooks.teacache import teacache_stats as transformer_teacache_stats
 from ..models import DenoisingStep, QwenImageSPTransformer2DModel
 
 
 logger = logging.get_logger(__name__)
+
+
+def stock_parent(pipeline_cls: type) -> type:
+    r"""The stock diffusers pipeline class that one of our pipeline classes extends."""
+    return next(cls for cls in pipeline_cls.__mro__ if cls.__module__.startswith("diffusers.pipelines."))
 
 
 class QwenImageSPPipelineMixin:
@@ -54,7 +61,7 @@ class QwenImageSPPipelineMixin:
                 "push_to_hub uploaded a model_index.json naming %s: plain diffusers needs custom_pipeline to load it.",
                 type(self).__name__,
             )
-        stock = next(cls for cls in type(self).__mro__ if cls.__module__.startswith("diffusers.pipelines."))
+        stock = stock_parent(type(self))
         index_path = Path(save_directory) / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = stock.__name__
@@ -115,6 +122,53 @@ class QwenImageSPPipelineMixin:
 
     def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
         return self._sync_across_ranks(super().prepare_latents(*args, **kwargs))
+
+    # ------------------------------------------------------------------ TeaCache
+
+    def enable_teacache(self, config: TeaCacheConfig | None = None, **kwargs: Any) -> None:
+        r"""
+        Skip the transformer blocks on steps whose input barely changed (TeaCache).
+
+        Composes with sequence and CFG parallelism: the skip decision is taken from statistics all-reduced over the
+        SP group, so every rank skips the same steps; each CFG branch keeps its own cache.
+
+        Args:
+            config ([`TeaCacheConfig`], *optional*): or its fields as keyword arguments, e.g. `threshold=0.2`.
+
+        Example:
+
+        ```py
+        >>> pipe.enable_teacache(threshold=0.2)
+        >>> image = pipe("a red fox in the snow", negative_prompt=" ", true_cfg_scale=4.0).images[0]
+        >>> pipe.teacache_stats()["cond"]["skipped"]
+        ```
+        """
+        if config is not None and kwargs:
+            raise ValueError(f"Pass either `config` or keyword arguments, not both (got config and {sorted(kwargs)}).")
+        apply_teacache(self.transformer, config if config is not None else TeaCacheConfig(**kwargs))
+
+    def disable_teacache(self) -> None:
+        r"""Remove TeaCache: every step computes the blocks again."""
+        remove_teacache(self.transformer)
+
+    def teacache_stats(self) -> dict[str, dict[str, Any]]:
+        r"""
+        Which steps each CFG branch computed and skipped in the most recent call:
+        `{"cond": {"computed": [...], "skipped": [...], "rel_l1": {...}}, "uncond": {...}}`.
+
+        Under CFG parallel each branch runs on its own ranks: the stats are gathered over the CFG group, so this is a
+        collective that every rank must call.
+        """
+        stats = transformer_teacache_stats(self.transformer)
+        cfg_hook = get_cfg_parallel_hook(self.transformer)
+        if cfg_hook is None:
+            return stats
+        gathered: list[Any] = [None] * cfg_hook.groups.cfg_degree
+        torch.distributed.all_gather_object(gathered, stats, group=cfg_hook.groups.cfg_group)
+        merged: dict[str, dict[str, Any]] = {}
+        for rank_stats in gathered:
+            merged.update(rank_stats)
+        return merged
 
     # ------------------------------------------------------------------ denoising progress
 

@@ -202,6 +202,13 @@ def stock_pipeline_class(variant: str) -> type[DiffusionPipeline]:
     return _spec(variant).pipeline_cls
 
 
+def sp_pipeline_class(variant: str) -> type[DiffusionPipeline]:
+    r"""Our pipeline class for a variant: the `diffusers_qwen_sp` subclass of [`stock_pipeline_class`]."""
+    from ..pipelines import PIPELINES_BY_STOCK_NAME
+
+    return PIPELINES_BY_STOCK_NAME[stock_pipeline_class(variant).__name__]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Tokenizer and processor
 # --------------------------------------------------------------------------------------------------------------------
