@@ -23,10 +23,10 @@ Patches, all inside this process only (the library is not touched):
   `rank % 0` on a machine without an accelerator (ZeroDivisionError). `torch.accelerator.device_count` is made to
   return 1 for the duration of the `enable_parallelism` call: the device becomes `cpu:0` (every CPU rank's device),
   and the device mesh is built on "cpu", i.e. gloo. Nothing else of diffusers' CP is changed.
-- Byte counting only (never during timed calls): `diffusers_qwen_sp.attention.count_communication` counts our
-  attention collectives but not the all-gather of `proj_out` in `hooks/sequence_parallel.py`, so that function is
-  wrapped to count it too; diffusers' all-to-all (`attention_dispatch._all_to_all_single`), its text-mask all-gather
-  (`torch.distributed.all_gather`) and its output gather (`EquipartitionSharder.unshard`) are wrapped the same way.
+- Byte counting only (never during timed calls): `diffusers_qwen_sp.distributed.count_communication` counts all of
+  our collectives (attention and the `proj_out` gather); diffusers' all-to-all (`attention_dispatch._all_to_all_single`),
+  its text-mask all-gather (`torch.distributed.all_gather`) and its output gather (`EquipartitionSharder.unshard`) are
+  wrapped to count them.
 
 Counting convention (the one of `count_communication`): bytes a rank sends to other ranks; its own chunk of an
 all-to-all is not counted; an all-gather of a chunk of `n` bytes sends `n` to each of the `P - 1` other ranks.
@@ -57,7 +57,7 @@ from diffusers import ContextParallelConfig, QwenImageTransformer2DModel  # noqa
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 from diffusers_qwen_sp import QwenImageSPTransformer2DModel  # noqa: E402
-from diffusers_qwen_sp.attention import count_communication  # noqa: E402
+from diffusers_qwen_sp.distributed import count_communication  # noqa: E402
 from diffusers_qwen_sp.hooks import SequenceParallelConfig, apply_sequence_parallel  # noqa: E402
 from diffusers_qwen_sp.testing import tiny_transformer_config  # noqa: E402
 from diffusers_qwen_sp.testing.multiprocess import run_distributed  # noqa: E402
@@ -212,24 +212,6 @@ def patched(owner: Any, name: str, make: Callable[[Any], Any]) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def count_our_proj_out_gather(world: int) -> Iterator[ByteCounter]:
-    """`count_communication` does not see the `proj_out` all-gather of the SP gather hook: count it here."""
-    from diffusers_qwen_sp.hooks import sequence_parallel as sp_module
-
-    counter = ByteCounter()
-
-    def make(original: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(output: torch.Tensor, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            counter.add(tensor.numel() * tensor.element_size() * (world - 1))
-            return original(output, tensor, *args, **kwargs)
-
-        return wrapped
-
-    with patched(sp_module, "_all_gather_single", make):
-        yield counter
-
-
-@contextlib.contextmanager
 def count_diffusers_cp(world: int) -> Iterator[dict[str, ByteCounter]]:
     """Count the bytes of diffusers' CP collectives (all-to-all, mask all-gather, output gather)."""
     from diffusers.hooks import context_parallel
@@ -371,12 +353,11 @@ def _bench_worker(rank: int, world: int, bench: BenchConfig) -> dict[str, Any]:
         for name, model in ((OURS_ULYSSES, ours_ulysses), (OURS_RING, ours_ring)):
             if name not in variants:
                 continue
-            with count_communication() as stats, count_our_proj_out_gather(world) as gather:
+            with count_communication() as stats:  # attention collectives and the proj_out gather
                 model(**inputs)
             comm[name] = {
                 **{f"{op} ({stats.calls[op]} calls)": sent for op, sent in stats.bytes_sent_by_op.items()},
-                f"proj_out gather ({gather.calls} calls)": gather.bytes_sent,
-                "total": stats.bytes_sent + gather.bytes_sent,
+                "total": stats.bytes_sent,
             }
         if DIFFUSERS_CP in variants:
             with count_diffusers_cp(world) as counters:

@@ -4,7 +4,10 @@
 - [`merge_attention_blocks`]: exact merge of two blocks computed over disjoint key sets.
 - [`joint_attention`]: Qwen-Image's joint `[text, image]` attention with the image sequence sharded over a
   sequence-parallel group: Ulysses (all-to-all over heads), Ring (K/V blocks passed around), or both (USP).
-- [`count_communication`]: opt-in accounting of the bytes this module sends, for benchmarks.
+- [`SequenceParallelAttnProcessor`]: the diffusers attention processor that runs `joint_attention` in every block
+  while sequence parallelism is on.
+
+Every collective here reports its bytes to `diffusers_qwen_sp.distributed.count_communication` (for benchmarks).
 
 Layouts: tensors are `(B, S, H, D)` (batch, sequence, heads, head dim), as diffusers' attention dispatch uses. The
 LSE is `(B, H, S)` in float32 (the layout every PyTorch and flash-attn kernel returns it in, so no copy is needed).
@@ -12,17 +15,16 @@ LSE is `(B, H, S)` in float32 (the layout every PyTorch and flash-attn kernel re
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from diffusers.utils import logging
+
+
+from .distributed import record_communication
 
 
 if TYPE_CHECKING:
@@ -33,80 +35,16 @@ logger = logging.get_logger(__name__)
 
 __all__ = [
     "ATTENTION_BACKENDS",
-    "CommunicationStats",
     "attention_with_lse",
-    "count_communication",
     "joint_attention",
     "merge_attention_blocks",
+    "SequenceParallelAttnProcessor",
 ]
 
 ATTENTION_BACKENDS = ("auto", "math", "cpu_flash", "flash", "efficient", "flash_attn")
 
 # The efficient (xformers-style) CUDA kernel wants the bias rows aligned to 16 elements.
 _MEM_EFFICIENT_ALIGNMENT = 16
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Communication accounting
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CommunicationStats:
-    r"""
-    Bytes this rank sent and received through the collectives of this module while [`count_communication`] was
-    active. Bytes a rank "sends" to itself (its own chunk of an all-to-all) are not counted.
-
-    Attributes:
-        bytes_sent (`int`): bytes sent by this rank.
-        bytes_received (`int`): bytes received by this rank.
-        calls (`dict[str, int]`): number of calls per operation (`"all_to_all"`, `"all_gather"`, `"p2p"`).
-        bytes_sent_by_op (`dict[str, int]`): `bytes_sent` split by operation.
-    """
-
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    calls: dict[str, int] = field(default_factory=dict)
-    bytes_sent_by_op: dict[str, int] = field(default_factory=dict)
-
-    def record(self, op: str, sent: int, received: int) -> None:
-        self.bytes_sent += sent
-        self.bytes_received += received
-        self.calls[op] = self.calls.get(op, 0) + 1
-        self.bytes_sent_by_op[op] = self.bytes_sent_by_op.get(op, 0) + sent
-
-
-# A context variable, not a global counter: accounting is scoped to a `with` block (and to the current thread/task).
-_ACTIVE_STATS: ContextVar[CommunicationStats | None] = ContextVar("diffusers_qwen_sp_comm_stats", default=None)
-
-
-@contextlib.contextmanager
-def count_communication() -> Iterator[CommunicationStats]:
-    r"""
-    Count the bytes the collectives of this module send and receive on this rank inside the `with` block. Costs
-    nothing when not active. Nested blocks count in the innermost one only.
-
-    Example:
-
-    ```py
-    >>> with count_communication() as stats:
-    ...     txt_out, img_out = joint_attention(..., groups=groups)
-    >>> stats.bytes_sent, stats.calls
-    (1572864, {'all_to_all': 2})
-    ```
-    """
-    stats = CommunicationStats()
-    token = _ACTIVE_STATS.set(stats)
-    try:
-        yield stats
-    finally:
-        _ACTIVE_STATS.reset(token)
-
-
-def _record(op: str, sent: int, received: int) -> None:
-    stats = _ACTIVE_STATS.get()
-    if stats is not None:
-        stats.record(op, sent, received)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -307,7 +245,7 @@ def _all_to_all(tensor: torch.Tensor, group: dist.ProcessGroup, world_size: int)
     output = torch.empty_like(tensor)
     dist.all_to_all_single(output, tensor, group=group)
     moved = tensor.numel() * tensor.element_size() * (world_size - 1) // world_size
-    _record("all_to_all", moved, moved)
+    record_communication("all_to_all", moved, moved)
     return output
 
 
@@ -325,7 +263,7 @@ def _ring_exchange(
     ]
     requests = dist.batch_isend_irecv(ops)
     nbytes = send.numel() * send.element_size()
-    _record("p2p", nbytes, nbytes)
+    record_communication("p2p", nbytes, nbytes)
     return requests, recv
 
 

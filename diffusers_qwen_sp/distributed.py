@@ -15,8 +15,10 @@ chunk the rank holds.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, NamedTuple
@@ -29,6 +31,89 @@ from diffusers.utils import logging
 logger = logging.get_logger(__name__)
 
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Communication accounting
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommunicationStats:
+    r"""
+    Bytes this rank sent and received through the package's collectives (attention, SP gather, CFG exchange) while [`count_communication`] was
+    active. Bytes a rank "sends" to itself (its own chunk of an all-to-all) are not counted.
+
+    Attributes:
+        bytes_sent (`int`): bytes sent by this rank.
+        bytes_received (`int`): bytes received by this rank.
+        calls (`dict[str, int]`): number of calls per operation (`"all_to_all"`, `"all_gather"`, `"p2p"`).
+        bytes_sent_by_op (`dict[str, int]`): `bytes_sent` split by operation.
+    """
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    calls: dict[str, int] = field(default_factory=dict)
+    bytes_sent_by_op: dict[str, int] = field(default_factory=dict)
+
+    def record(self, op: str, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        self.calls[op] = self.calls.get(op, 0) + 1
+        self.bytes_sent_by_op[op] = self.bytes_sent_by_op.get(op, 0) + sent
+
+
+# A context variable, not a global counter: accounting is scoped to a `with` block (and to the current thread/task).
+_ACTIVE_STATS: ContextVar[CommunicationStats | None] = ContextVar("diffusers_qwen_sp_comm_stats", default=None)
+
+
+@contextlib.contextmanager
+def count_communication() -> Iterator[CommunicationStats]:
+    r"""
+    Count the bytes the package's collectives send and receive on this rank inside the `with` block. Costs
+    nothing when not active. Nested blocks count in the innermost one only.
+
+    Example:
+
+    ```py
+    >>> with count_communication() as stats:
+    ...     txt_out, img_out = joint_attention(..., groups=groups)
+    >>> stats.bytes_sent, stats.calls
+    (1572864, {'all_to_all': 2})
+    ```
+    """
+    stats = CommunicationStats()
+    token = _ACTIVE_STATS.set(stats)
+    try:
+        yield stats
+    finally:
+        _ACTIVE_STATS.reset(token)
+
+
+def record_communication(op: str, sent: int, received: int) -> None:
+    """Add one collective's bytes to the active [`count_communication`] block, if any."""
+    stats = _ACTIVE_STATS.get()
+    if stats is not None:
+        stats.record(op, sent, received)
+
+
+
+# torch renamed all_gather_into_tensor to all_gather_single (2.10+); the old name still works and warns.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+def all_gather_dim0(tensor: torch.Tensor, group: dist.ProcessGroup | None, world_size: int) -> torch.Tensor:
+    r"""
+    All-gather `tensor` over `group`, concatenated along dim 0 in group-rank order: `(N, ...) -> (world_size * N, ...)`.
+
+    Synchronous c10d (the result is complete when it returns), counted by [`count_communication`].
+    """
+    tensor = tensor.contiguous()
+    output = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
+    _all_gather_single(output, tensor, group=group)  # (N, ...) per rank -> (P * N, ...)
+    moved = tensor.numel() * tensor.element_size() * (world_size - 1)
+    record_communication("all_gather", moved, moved)
+    return output
 
 
 def init_distributed(timeout: float = 600.0, backend: str | None = None) -> None:

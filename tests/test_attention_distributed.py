@@ -14,13 +14,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from diffusers_qwen_sp.attention import (
-    attention_with_lse,
+from diffusers_qwen_sp.attention import attention_with_lse, joint_attention, merge_attention_blocks
+from diffusers_qwen_sp.distributed import (
+    ParallelGroups,
+    broadcast_from_rank0,
     count_communication,
-    joint_attention,
-    merge_attention_blocks,
+    init_distributed,
+    sp_shard_bounds,
 )
-from diffusers_qwen_sp.distributed import ParallelGroups, broadcast_from_rank0, init_distributed, sp_shard_bounds
 from diffusers_qwen_sp.testing.multiprocess import DistributedProcessError, run_distributed
 
 

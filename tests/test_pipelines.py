@@ -169,3 +169,19 @@ def test_cli_rejects_a_model_that_is_not_qwen_image(tmp_path, capsys):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     assert cli_main(["generate", "--model", str(tmp_path), "--output", str(tmp_path / "x.png")]) == 2
     assert "StableDiffusionPipeline" in capsys.readouterr().err
+
+
+def test_cli_calibrate_teacache_prints_coefficients(capsys):
+    import re
+
+    assert cli_main(["calibrate-teacache", "--prompts", "a red cat", "a blue dog", "--steps", "5"]) == 0
+    line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("TeaCacheConfig(")][0]
+    coefficients = [float(value) for value in re.findall(r"[-+0-9.e]+", line.split("[")[1])]
+    assert len(coefficients) == 5 and all(abs(value) < float("inf") for value in coefficients)
+
+
+def test_cli_generate_with_teacache_reports_skips(tmp_path, capsys):
+    output = tmp_path / "cached.png"
+    assert cli_main(["generate", "--teacache", "0.15", "--steps", "6", "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert output.exists() and "TeaCache cond: computed [0," in printed and "skipped [" in printed

@@ -95,12 +95,14 @@ PIPELINE_CALLS = {
     "qwen_image": dict(
         prompt=["a red cat", "two small blue squares on a big yellow field at noon"],
         negative_prompt=["blurry", "low quality, watermark"],
+        num_images_per_prompt=2,  # batch 4
         height=40,
         width=56,
     ),
-    # CFG off: with cfg_degree=2 the batch of 2 is split between the CFG ranks
+    # CFG off: with cfg_degree=2 the batch of 2 is split between the CFG ranks; a batch of 1 is computed by both
     "qwen_image_no_cfg": dict(prompt=["a red cat", "a blue dog on grass"], true_cfg_scale=1.0, height=40, width=56),
-    "qwen_image_edit": {},
+    "qwen_image_no_cfg_batch_1": dict(prompt="a red cat", true_cfg_scale=1.0, height=40, width=56),
+    "qwen_image_edit": dict(num_images_per_prompt=2),
     "qwen_image_edit_plus": {},  # two reference images of different sizes
     "qwen_image_edit_2511": {},  # zero_cond_t: reference tokens modulated at t = 0
     "qwen_image_layered": {},
@@ -206,7 +208,26 @@ def _errors(rank, world_size):
     return messages
 
 
+def _cfg_parallel_duplicate_warning(rank, world_size):
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusers_qwen_sp.hooks.cfg_parallel").addHandler(handler)
+    pipe = build_tiny_pipeline("qwen_image", pipeline_cls=sp_pipeline_class("qwen_image"))
+    pipe.enable_sequence_parallel(cfg_degree=2)
+    with torch.no_grad():
+        for _ in range(2):  # two calls, 2 steps each: told once
+            pipe(**tiny_pipeline_call_kwargs("qwen_image", prompt="a red cat", true_cfg_scale=1.0))
+    return [record.getMessage() for record in records]
+
+
 def test_clear_errors_under_a_launcher():
+    warnings = run_distributed(_cfg_parallel_duplicate_warning, 2, timeout=120)
+    # Told once, by rank 0 (diffusers' loggers speak on rank 0 only under torch.distributed).
+    assert len(warnings[0]) == 1 and "batch of 1 does not split" in warnings[0][0], warnings
+    assert warnings[1] == [], warnings
     messages = run_distributed(_errors, 2, timeout=120)[0]
     assert "= 4, but the world size is 2" in messages["product"]
     assert "ulysses_degree=2 does not divide the 3 attention heads" in messages["heads"]
@@ -219,3 +240,25 @@ def test_no_launcher_environment(monkeypatch):
     model = QwenImageSPTransformer2DModel(**tiny_transformer_config())
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node"):
         apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=2))
+
+
+def _cli_generate(rank, world_size, folder):
+    from diffusers_qwen_sp.cli import main
+
+    code = main(["generate", "--ulysses-degree", "2", "--teacache", "0.15", "--steps", "6", "--height", "40",
+                 "--width", "56", "--output", f"{folder}/sp.png"])
+    return code
+
+
+def test_cli_under_a_launcher_matches_single_process(tmp_path, capsys):
+    from PIL import Image
+
+    from diffusers_qwen_sp.cli import main
+
+    assert main(["generate", "--teacache", "0.15", "--steps", "6", "--height", "40", "--width", "56",
+                 "--output", str(tmp_path / "single.png")]) == 0
+    assert run_distributed(_cli_generate, 2, str(tmp_path), timeout=120) == [0, 0]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["single.png", "sp.png"]  # rank 0 wrote once
+    with Image.open(tmp_path / "single.png") as single, Image.open(tmp_path / "sp.png") as sharded:
+        difference = torch.tensor(list(single.getdata())) - torch.tensor(list(sharded.getdata()))
+    assert difference.abs().max().item() <= 1  # 8-bit PNGs of images within 1e-4

@@ -19,14 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import logging
 
-from ..distributed import ParallelGroups
+from ..distributed import ParallelGroups, all_gather_dim0
 
 
 logger = logging.get_logger(__name__)
@@ -42,10 +41,6 @@ _BATCHED_ARGUMENTS = (
     "guidance",
     "additional_t_cond",
 )
-
-# torch renamed all_gather_into_tensor to all_gather_single (2.10+); the old name still works and warns.
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-
 
 class _NoState(BaseState):
     def reset(self) -> None:
@@ -125,11 +120,8 @@ class CFGParallelHook(ModelHook):
             mine = self._run(module, arguments)
         else:
             mine = pending.output
-        mine = mine.contiguous()
-        gathered = mine.new_empty((2 * mine.shape[0], *mine.shape[1:]))
         # (B, S, C) per CFG rank -> (2B, S, C) -> (2, B, S, C): [conditional, unconditional] on every rank
-        _all_gather_single(gathered, mine, group=self.groups.cfg_group)
-        gathered = gathered.unflatten(0, (2, mine.shape[0]))
+        gathered = all_gather_dim0(mine, self.groups.cfg_group, 2).unflatten(0, (2, mine.shape[0]))
         if self.groups.cfg_rank == 1:
             pending.output.copy_(gathered[0])  # the conditional prediction the pipeline already holds
         return gathered[1]
@@ -159,11 +151,8 @@ class CFGParallelHook(ModelHook):
             local["controlnet_block_samples"] = [
                 sample[rank * share : (rank + 1) * share] for sample in local["controlnet_block_samples"]
             ]
-        mine = self._run(module, local).contiguous()
-        gathered = mine.new_empty((degree * mine.shape[0], *mine.shape[1:]))
         # (B/2, S, C) per CFG rank -> (B, S, C), the halves in CFG-rank order
-        _all_gather_single(gathered, mine, group=self.groups.cfg_group)
-        return gathered
+        return all_gather_dim0(self._run(module, local), self.groups.cfg_group, degree)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.state_manager.reset()

@@ -18,7 +18,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import logging
 
 from ..attention import ATTENTION_BACKENDS, SequenceParallelAttnProcessor
-from ..distributed import ParallelGroups, init_distributed
+from ..distributed import ParallelGroups, all_gather_dim0, init_distributed
 
 
 logger = logging.get_logger(__name__)
@@ -188,20 +188,15 @@ class SequenceGatherHook(ModelHook):
         if world == 1:
             runtime.image_seq_len = None
             return output
-        local = output.movedim(dim, 0).contiguous()  # (.., S/P, ..) -> (S/P, ..)
-        gathered = local.new_empty((world * local.shape[0], *local.shape[1:]))
+        local = output.movedim(dim, 0)  # (.., S/P, ..) -> (S/P, ..)
         # (S/P, ..) on each rank -> (P * S/P, ..): chunks in SP-rank order, the order they were split in
-        _all_gather_single(gathered, local, group=runtime.groups.sp_group)
+        gathered = all_gather_dim0(local, runtime.groups.sp_group, world)
         gathered = gathered[: runtime.image_seq_len]  # drop the padding
         runtime.image_seq_len = None
         return gathered.movedim(0, dim)
 
     def __repr__(self) -> str:
         return f"SequenceGatherHook(dim={self.gather.dim}, sp_world_size={self.runtime.world_size})"
-
-
-# torch renamed all_gather_into_tensor to all_gather_single (2.10+); the old name still works and warns.
-_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
 
 # ---------------------------------------------------------------------------------------------------- apply / remove

@@ -32,6 +32,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.utils import apply_lora_scale, logging
 
+from ..distributed import record_communication
 from .cfg_parallel import CFG_PARALLEL_HOOK
 from .sequence_parallel import get_sequence_parallel_runtime
 
@@ -214,6 +215,7 @@ def teacache_decision(
     if group is not None:
         # (2,) partial sums of every rank -> (2,) totals of the whole image sequence, identical on all ranks
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        record_communication("all_reduce", sums.numel() * sums.element_size(), sums.numel() * sums.element_size())
     difference, norm = sums.tolist()
     if norm > 0:
         rel_l1 = difference / norm
