@@ -185,3 +185,19 @@ def test_cli_generate_with_teacache_reports_skips(tmp_path, capsys):
     assert cli_main(["generate", "--teacache", "0.15", "--steps", "6", "--output", str(output)]) == 0
     printed = capsys.readouterr().out
     assert output.exists() and "TeaCache cond: computed [0," in printed and "skipped [" in printed
+
+
+@pytest.mark.parametrize("script", ["text_to_image.py", "edit.py"])
+def test_examples_run_on_the_tiny_model(script, tmp_path, monkeypatch, capsys):
+    import runpy
+    from pathlib import Path
+
+    from PIL import Image
+
+    output = tmp_path / "example.png"
+    path = Path(__file__).resolve().parents[1] / "examples" / script
+    monkeypatch.setattr("sys.argv", [str(path), "--steps", "4", "--teacache", "0.2", "--output", str(output)])
+    runpy.run_path(str(path), run_name="__main__")
+    with Image.open(output) as image:
+        assert image.size == (64, 64)
+    assert f"wrote {output}" in capsys.readouterr().out
