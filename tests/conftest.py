@@ -6,7 +6,8 @@ import torch
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    # 2-core CI: one intra-op thread per process keeps timings predictable and leaves room for spawned ranks.
+    # The tensors are tiny: one thread is as fast as two, and far faster when other processes compete for the 2 CI
+    # cores (spinning OpenMP workers made single calls take 5-15 s instead of 0.3 s on a loaded machine).
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -262,3 +262,27 @@ def test_cli_under_a_launcher_matches_single_process(tmp_path, capsys):
     with Image.open(tmp_path / "single.png") as single, Image.open(tmp_path / "sp.png") as sharded:
         difference = torch.tensor(list(single.getdata())) - torch.tensor(list(sharded.getdata()))
     assert difference.abs().max().item() <= 1  # 8-bit PNGs of images within 1e-4
+
+
+def _compiled_blocks(rank, world_size):
+    failures = []
+    for ulysses, ring in DEGREES[world_size]:
+        torch.manual_seed(0)
+        model = QwenImageSPTransformer2DModel(**tiny_transformer_config()).eval()
+        kwargs = _transformer_inputs(model.config, [(1, 5, 7)])
+        with torch.no_grad():
+            expected = model(**kwargs)[0]
+            apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
+            # Regional compilation of the repeated block, as on GPU; aot_eager traces with dynamo and AOTAutograd
+            # without generating code, so the test stays fast on a CPU.
+            model.compile_repeated_blocks(backend="aot_eager")
+            for call in range(2):
+                diff = (model(**kwargs)[0] - expected).abs().max().item()
+                if not diff <= TOLERANCE:
+                    failures.append(f"compiled u{ulysses}r{ring} call {call}: {diff}")
+    return failures
+
+
+def test_regionally_compiled_blocks_under_sequence_parallel():
+    for rank, failures in enumerate(run_distributed(_compiled_blocks, 2, timeout=300)):
+        assert failures == [], f"rank {rank}: {failures}"

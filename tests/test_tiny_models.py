@@ -65,16 +65,6 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(state_a[key], state_b[key]), key
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tensors are tiny: one thread is as fast as two, and far faster when other processes compete for the cores
-    # (spinning OpenMP workers made single calls take 5-15 s instead of 0.3 s on a loaded 2-core machine).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Tokenizer and processor
 # ---------------------------------------------------------------------------------------------------------------------
