@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import inspect
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-
+import torch.distributed as dist
 from diffusers.utils import logging
 
-from ..distributed import broadcast_from_rank0
+from ..distributed import broadcast_from_rank0, check_same_across_ranks, collective_timeout, is_collective_failure
 from ..hooks.cfg_parallel import apply_cfg_parallel, get_cfg_parallel_hook, remove_cfg_parallel
 from ..hooks.sequence_parallel import (
     SequenceParallelConfig,
@@ -26,6 +27,54 @@ from ..models import DenoisingStep, QwenImageSPTransformer2DModel
 
 
 logger = logging.get_logger(__name__)
+
+
+# Call arguments every rank must pass alike under SP / CFG parallel: they decide the sequence of collectives (steps,
+# sizes, CFG on or off) or what the image shows. Not the generator: rank 0's noise is broadcast to every rank.
+SAME_ACROSS_RANKS = (
+    "prompt",
+    "negative_prompt",
+    "true_cfg_scale",
+    "guidance_scale",
+    "height",
+    "width",
+    "num_inference_steps",
+    "sigmas",
+    "num_images_per_prompt",
+    "max_sequence_length",
+    "image",
+    "layers",
+    "resolution",
+    "cfg_normalize",
+    "use_en_prompt",
+    "prompt_embeds",
+    "prompt_embeds_mask",
+    "negative_prompt_embeds",
+    "negative_prompt_embeds_mask",
+    "latents",
+)
+# Compared by value even when given as an array or a tensor (the others by shape: their values are broadcast).
+_COMPARED_BY_VALUE = ("sigmas",)
+
+
+def describe_argument(value: Any, by_value: bool = False) -> Any:
+    r"""
+    A small, picklable summary of a pipeline call argument that two ranks can compare: numbers and strings as they
+    are, tensors and arrays by shape (by value with `by_value`), images by mode and size, lists item by item.
+    """
+    if value is None or isinstance(value, (str, bool, numbers.Real)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [describe_argument(item, by_value) for item in value]
+    if isinstance(value, dict):
+        return {key: describe_argument(item, by_value) for key, item in value.items()}
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "tolist"):  # a tensor or an array
+        return value.tolist() if by_value else f"{type(value).__name__} of shape {tuple(shape)}"
+    size, mode = getattr(value, "size", None), getattr(value, "mode", None)
+    if isinstance(size, tuple) and isinstance(mode, str):  # a PIL image
+        return f"{mode} image of {size[0]}x{size[1]}"
+    return type(value).__name__  # never a default repr: it holds a memory address that differs per rank
 
 
 def stock_parent(pipeline_cls: type) -> type:
@@ -42,6 +91,10 @@ class QwenImageSPPipelineMixin:
       so a saved pipeline still loads with plain diffusers.
     - While the pipeline runs, the transformer's `cache_context` carries the step index, the step count and the
       timestep of the denoising loop, so cache hooks know where they are without forking `__call__`.
+    - `enable_sequence_parallel` / `disable_sequence_parallel` (Ulysses, Ring, both, and CFG parallel) and
+      `enable_teacache` / `disable_teacache` / `teacache_stats`. Under parallelism every rank denoises rank 0's noise
+      and prompt embeddings, the call arguments are checked to agree across ranks before the first step, and a failed
+      peer ends every rank with an error that says so.
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -184,19 +237,57 @@ class QwenImageSPPipelineMixin:
             timestep=getattr(self, "_current_timestep", None),
         )
 
-    def _uses_true_cfg(self, args: tuple, kwargs: dict) -> bool:
-        # The stock rule: true CFG runs when true_cfg_scale > 1 and a negative prompt (or its embeddings) is given.
+    def _call_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The call's arguments by name, defaults included."""
         bound = inspect.signature(super().__call__).bind(*args, **kwargs)
         bound.apply_defaults()
-        call = bound.arguments
+        return bound.arguments
+
+    @staticmethod
+    def _uses_true_cfg(call: dict[str, Any]) -> bool:
+        # The stock rule: true CFG runs when true_cfg_scale > 1 and a negative prompt (or its embeddings) is given.
         has_negative = call.get("negative_prompt") is not None or (
             call.get("negative_prompt_embeds") is not None and call.get("negative_prompt_embeds_mask") is not None
         )
         return call.get("true_cfg_scale", 1.0) > 1 and has_negative
 
+    @staticmethod
+    def _arguments_to_agree_on(call: dict[str, Any]) -> dict[str, Any]:
+        return {
+            name: describe_argument(call[name], by_value=name in _COMPARED_BY_VALUE)
+            for name in SAME_ACROSS_RANKS
+            if name in call
+        }
+
+    def _peer_failure_message(self, error: BaseException) -> str:
+        runtime = get_sequence_parallel_runtime(self.transformer)
+        timeout = collective_timeout()  # the subgroups are created with the world's timeout
+        if timeout is None and runtime is not None:
+            timeout = runtime.config.timeout
+        lines = str(error).strip().splitlines()
+        detail = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        rank = f"Rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "This rank"
+        limit = "the collective timeout" if timeout is None else f"the collective timeout of {timeout:g} s"
+        return (
+            f"{rank} stopped: a torch.distributed collective failed during the pipeline call under sequence/CFG "
+            f"parallelism ({detail}). Another rank most likely raised an exception, died or was interrupted, or did "
+            f"not reach the same collective within {limit}. Look at the other ranks' errors for the cause."
+        )
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        cfg_hook = get_cfg_parallel_hook(self.transformer)
-        if cfg_hook is not None:
-            cfg_hook.true_cfg = self._uses_true_cfg(args, kwargs)
-        with self.transformer.denoising_progress(self._denoising_step):
-            return super().__call__(*args, **kwargs)
+        parallel = self.sequence_parallel_enabled
+        try:
+            if parallel:
+                call = self._call_arguments(args, kwargs)
+                # Different inputs on different ranks would run different collectives and hang far from the cause.
+                check_same_across_ranks(self._arguments_to_agree_on(call))
+                cfg_hook = get_cfg_parallel_hook(self.transformer)
+                if cfg_hook is not None:
+                    cfg_hook.true_cfg = self._uses_true_cfg(call)
+            with self.transformer.denoising_progress(self._denoising_step):
+                return super().__call__(*args, **kwargs)
+        except Exception as error:
+            if not (parallel and is_collective_failure(error)):
+                raise
+            # This rank's error only says that a socket closed or a wait timed out; the cause is on another rank.
+            raise RuntimeError(self._peer_failure_message(error)) from error

@@ -1,7 +1,7 @@
 """Run a function on several CPU processes with an initialised process group (for tests and CPU examples).
 
-The parent never hangs: it waits with a deadline, kills every child on the first error or on timeout, and re-raises
-the failing rank's traceback.
+The parent never hangs: it waits with a deadline, kills every child on the first error, on timeout and on Ctrl-C,
+and re-raises the failing rank's traceback. A child also exits when the parent is killed outright.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_module
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -32,16 +33,51 @@ _TEARDOWN_S = 10.0
 
 
 class DistributedProcessError(RuntimeError):
-    """A rank of [`run_distributed`] raised; `rank` and `traceback_text` tell which and where."""
+    """A rank of [`run_distributed`] raised (or died); `rank` and `traceback_text` tell which and where.
 
-    def __init__(self, rank: int, traceback_text: str, other_errors: dict[int, str] | None = None) -> None:
+    `exitcode` is set when the rank died without reporting (negative: killed by that signal); `traceback_text` then
+    says so instead of holding a traceback.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        traceback_text: str,
+        other_errors: dict[int, str] | None = None,
+        exitcode: int | None = None,
+    ) -> None:
         self.rank = rank
         self.traceback_text = traceback_text
         self.other_errors = dict(other_errors or {})
-        message = f"Rank {rank} raised an exception:\n\n{traceback_text}"
+        self.exitcode = exitcode
+        if exitcode is None:
+            message = f"Rank {rank} raised an exception:\n\n{traceback_text}"
+        else:
+            message = f"Rank {rank} {traceback_text}"
         if self.other_errors:
             message += f"\n(ranks {sorted(self.other_errors)} also failed; see `other_errors`.)"
         super().__init__(message)
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.rank, self.traceback_text, self.other_errors, self.exitcode)
+
+
+def _exit_with_parent(parent_alive: Any) -> None:
+    """Exit this process as soon as the parent dies, even if it was killed outright (SIGKILL, SIGTERM).
+
+    The parent holds the only write end of the `parent_alive` pipe: its read end reaches EOF exactly when the parent
+    is gone. (`PR_SET_PDEATHSIG` cannot do this: a forkserver child's parent is the fork server, which every child
+    keeps alive.) A thread waits for it, so a main thread blocked in a collective does not delay the exit.
+    """
+
+    def watch() -> None:
+        try:
+            parent_alive.recv_bytes()  # the parent never writes: this returns only by EOFError
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="run_distributed-parent-watch", daemon=True).start()
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -84,8 +120,11 @@ def _worker(
     backend: str,
     master_port: int,
     timeout: float,
+    collective_timeout: float,
     results: Any,
+    parent_alive: Any,
 ) -> None:
+    _exit_with_parent(parent_alive)
     os.environ.update(
         MASTER_ADDR=_MASTER_ADDR,
         MASTER_PORT=str(master_port),
@@ -102,7 +141,7 @@ def _worker(
             _MASTER_ADDR, master_port, world_size, is_master=False, timeout=timedelta(seconds=timeout)
         )
         dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout)
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=collective_timeout)
         )
         output = fn(rank, world_size, *args, **kwargs)
         # Plain pickle copies tensor data into the message: no shared-memory handles outliving this process.
@@ -111,6 +150,10 @@ def _worker(
     except BaseException:  # noqa: BLE001 - everything must reach the parent, KeyboardInterrupt included
         results.put(("error", rank, traceback.format_exc()))
     finally:
+        # `put` hands the message to a feeder thread: flush it before the teardown, which can abort the process
+        # (after a failed collective gloo has been seen to end in std::terminate).
+        results.close()
+        results.join_thread()
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()
@@ -124,14 +167,17 @@ def run_distributed(
     *args: Any,
     timeout: float = 120.0,
     backend: str = "gloo",
+    collective_timeout: float | None = None,
+    return_exceptions: bool = False,
     **kwargs: Any,
 ) -> list[Any]:
     r"""
     Run `fn(rank, world_size, *args, **kwargs)` on `world_size` spawned processes sharing a process group.
 
     Each child gets `MASTER_ADDR`, `MASTER_PORT`, `RANK`, `WORLD_SIZE` and `LOCAL_RANK` in its environment, one
-    intra-op thread, and a default process group initialised with a collective timeout of `timeout` seconds. The
-    group is destroyed when `fn` returns.
+    intra-op thread, and a default process group initialised with a collective timeout of `collective_timeout`
+    seconds. The group is destroyed when `fn` returns. Every child is killed when the parent leaves, whatever the
+    reason (an error, the deadline, Ctrl-C); a child also exits when the parent is killed outright (SIGKILL).
 
     Args:
         fn (`Callable`):
@@ -142,14 +188,20 @@ def run_distributed(
             Wall-clock limit in seconds for the whole run (start-up included). On expiry every child is killed and
             `TimeoutError` is raised.
         backend (`str`, defaults to `"gloo"`): process-group backend.
+        collective_timeout (`float`, *optional*):
+            How long a collective waits for the other ranks before it raises, in seconds (the `timeout` of
+            `init_process_group`). Defaults to `timeout`. Set it lower to test how ranks fail when a peer is gone.
+        return_exceptions (`bool`, defaults to `False`):
+            Wait for every rank instead of failing on the first error, and put a [`DistributedProcessError`] in the
+            place of each rank that raised or died. Lets a test check what the surviving ranks did.
 
     Returns:
         `list`: the return value of `fn` on each rank, indexed by rank. Tensors are moved to CPU.
 
     Raises:
-        [`DistributedProcessError`]: a rank raised; the message holds its traceback.
+        [`DistributedProcessError`]: a rank raised (or died); the message holds its traceback. Not with
+            `return_exceptions=True`.
         `TimeoutError`: the run took longer than `timeout`.
-        `RuntimeError`: a child died without reporting (e.g. killed by a signal).
 
     Example:
 
@@ -169,6 +221,10 @@ def run_distributed(
         raise ValueError(f"`world_size` must be >= 1, got {world_size}.")
     if timeout <= 0:
         raise ValueError(f"`timeout` must be positive, got {timeout}.")
+    if collective_timeout is None:
+        collective_timeout = timeout
+    if collective_timeout <= 0:
+        raise ValueError(f"`collective_timeout` must be positive, got {collective_timeout}.")
     deadline = time.monotonic() + timeout
     # Port 0: the OS picks a free port, held by this store for the whole run (no race with other runs).
     store = dist.TCPStore(
@@ -176,10 +232,14 @@ def run_distributed(
     )
     ctx = _start_context(fn)
     results_queue = ctx.Queue()
+    parent_alive, parent_alive_writer = ctx.Pipe(duplex=False)  # see `_exit_with_parent`
     processes = [
         ctx.Process(
             target=_worker,
-            args=(rank, world_size, fn, args, kwargs, backend, store.port, timeout, results_queue),
+            args=(
+                rank, world_size, fn, args, kwargs, backend, store.port, timeout, collective_timeout, results_queue,
+                parent_alive,
+            ),
             daemon=True,
             name=f"run_distributed-rank{rank}",
         )
@@ -189,6 +249,7 @@ def run_distributed(
     try:
         for process in processes:
             process.start()
+        parent_alive.close()  # the children hold their copies
         dead_since: dict[int, float] = {}
         while len(results) < world_size:
             remaining = deadline - time.monotonic()
@@ -207,12 +268,19 @@ def run_distributed(
                         continue
                     dead_since.setdefault(rank, now)
                     if now - dead_since[rank] > _DEAD_CHILD_GRACE_S:
-                        raise RuntimeError(
-                            f"Rank {rank} of run_distributed exited with code {process.exitcode} without reporting a "
-                            "result or an exception (killed by a signal or out of memory?)."
+                        died = DistributedProcessError(
+                            rank,
+                            f"exited with code {process.exitcode} without reporting a result or an exception "
+                            "(killed by a signal, out of memory, or os._exit?).",
+                            exitcode=process.exitcode,
                         )
+                        if not return_exceptions:
+                            raise died
+                        results[rank] = died
                 continue
-            if status == "error":
+            if status == "error" and return_exceptions:
+                results[rank] = DistributedProcessError(rank, payload)
+            elif status == "error":
                 other_errors: dict[int, str] = {}
                 collect_until = min(deadline, time.monotonic() + _ERROR_COLLECT_S)
                 while time.monotonic() < collect_until:
@@ -223,17 +291,21 @@ def run_distributed(
                     if other_status == "error":
                         other_errors[other_rank] = other_payload
                 raise DistributedProcessError(rank, payload, other_errors)
-            results[rank] = pickle.loads(payload)
+            else:
+                results[rank] = pickle.loads(payload)
         # Let the children tear down their process group and exit; the results are already here.
         for process in processes:
             process.join(max(0.0, min(deadline - time.monotonic(), _TEARDOWN_S)))
     finally:
+        # Also on KeyboardInterrupt: a child blocked in a collective would otherwise outlive the parent.
         for process in processes:
             if process.is_alive():
                 process.kill()
         for process in processes:
             if process.pid is not None:
                 process.join(5.0)
+        parent_alive.close()
+        parent_alive_writer.close()
         results_queue.close()
         results_queue.cancel_join_thread()
         del store
