@@ -16,6 +16,8 @@ chunk the rank holds.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import math
 import os
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -366,8 +368,8 @@ class ParallelGroups:
         cfg_idx, sp_rank = divmod(rank, sp_size)
         ring_idx, ulysses_idx = divmod(sp_rank, ulysses_degree)
 
-        def global_rank(c: int, r: int, u: int) -> int:
-            return c * sp_size + r * ulysses_degree + u
+        def global_rank(cfg: int, ring: int, ulysses: int) -> int:
+            return cfg * sp_size + ring * ulysses_degree + ulysses
 
         groups = cls(
             ulysses_degree=ulysses_degree,
@@ -385,35 +387,31 @@ class ParallelGroups:
             cfg_ranks=[global_rank(c, ring_idx, ulysses_idx) for c in range(cfg_degree)],
         )
 
-        # Every rank walks every group in the same order; it keeps the one it belongs to. Size-1 groups are skipped
-        # on all ranks alike (no collective will ever run on them).
-        if sp_size > 1:
-            for c in range(cfg_degree):
-                ranks = [global_rank(c, r, u) for r in range(ring_degree) for u in range(ulysses_degree)]
+        # Every rank walks every group in the same order and keeps the one it belongs to; size-1 groups are skipped
+        # on all ranks alike (no collective ever runs on them).
+        degrees = {"cfg": cfg_degree, "ring": ring_degree, "ulysses": ulysses_degree}
+        mine = {"cfg": cfg_idx, "ring": ring_idx, "ulysses": ulysses_idx}
+
+        def group_along(*varying: str) -> dist.ProcessGroup | None:
+            if math.prod(degrees[axis] for axis in varying) == 1:
+                return None
+            fixed = [axis for axis in degrees if axis not in varying]
+            kept = None
+            for fixed_values in itertools.product(*(range(degrees[axis]) for axis in fixed)):
+                coordinates = dict(zip(fixed, fixed_values))
+                ranks = [
+                    global_rank(**{**coordinates, **dict(zip(varying, values))})
+                    for values in itertools.product(*(range(degrees[axis]) for axis in varying))
+                ]
                 group = _new_group(ranks, world_size)
-                if c == cfg_idx:
-                    groups.sp_group = group
-        if ulysses_degree > 1:
-            for c in range(cfg_degree):
-                for r in range(ring_degree):
-                    ranks = [global_rank(c, r, u) for u in range(ulysses_degree)]
-                    group = _new_group(ranks, world_size)
-                    if (c, r) == (cfg_idx, ring_idx):
-                        groups.ulysses_group = group
-        if ring_degree > 1:
-            for c in range(cfg_degree):
-                for u in range(ulysses_degree):
-                    ranks = [global_rank(c, r, u) for r in range(ring_degree)]
-                    group = _new_group(ranks, world_size)
-                    if (c, u) == (cfg_idx, ulysses_idx):
-                        groups.ring_group = group
-        if cfg_degree > 1:
-            for r in range(ring_degree):
-                for u in range(ulysses_degree):
-                    ranks = [global_rank(c, r, u) for c in range(cfg_degree)]
-                    group = _new_group(ranks, world_size)
-                    if (r, u) == (ring_idx, ulysses_idx):
-                        groups.cfg_group = group
+                if all(mine[axis] == coordinates[axis] for axis in fixed):
+                    kept = group
+            return kept
+
+        groups.sp_group = group_along("ring", "ulysses")
+        groups.ulysses_group = group_along("ulysses")
+        groups.ring_group = group_along("ring")
+        groups.cfg_group = group_along("cfg")
         return groups
 
     def __repr__(self) -> str:
