@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from diffusers import QwenImageTransformer2DModel  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
+from diffusers_qwen_sp.bench import psnr, rope_axes, rotated, step_ranges  # noqa: E402
 from diffusers_qwen_sp.hooks.teacache import (  # noqa: E402
     TeaCacheConfig,
     apply_teacache,
@@ -99,16 +100,13 @@ class BenchConfig:
         return self.size * PIXELS_PER_TOKEN
 
     def transformer_config(self) -> dict[str, Any]:
-        # RoPE axes (frame, height, width) must sum to head_dim and be even; Qwen-Image uses (16, 56, 56) for 128.
-        frame_axis = max(2, self.head_dim // 8 // 2 * 2)
-        side_axis = (self.head_dim - frame_axis) // 4 * 2
         # in/out channels and the text dim (32) stay those of the tiny VAE and text encoder.
         return tiny_transformer_config(
             VARIANT,
             num_layers=self.layers,
             num_attention_heads=self.heads,
             attention_head_dim=self.head_dim,
-            axes_dims_rope=(frame_axis, side_axis, self.head_dim - frame_axis - side_axis),
+            axes_dims_rope=rope_axes(self.head_dim),
         )
 
 
@@ -220,8 +218,7 @@ def _bench_worker(rank: int, world: int, bench: BenchConfig) -> dict[str, Any]:
     # speed hit all variants alike.
     names = list(bench.variants)
     for round_index in range(bench.warmup + bench.repeats):
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in rotated(names, round_index):
             elapsed, in_transformer, cpu = call(name)
             if round_index >= bench.warmup:
                 times[name].append(elapsed)
@@ -247,12 +244,6 @@ def _bench_worker(rank: int, world: int, bench: BenchConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
-    """PSNR in dB of two images in [0, 1] (peak 1); inf when identical."""
-    mse = (image.double() - reference.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def relative_l2(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value.double() - reference.double()).norm() / reference.double().norm()).item()
 
@@ -266,17 +257,6 @@ def _calls(stats: dict[str, Any]) -> tuple[int, int]:
 
 def _fmt_db(value: float) -> str:
     return "inf (identical)" if math.isinf(value) else f"{value:.1f}"
-
-
-def _ranges(steps: list[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> '0-2, 5, 7-8'."""
-    runs: list[list[int]] = []  # [first, last] of each run of consecutive steps
-    for step in steps:
-        if runs and step == runs[-1][1] + 1:
-            runs[-1][1] = step
-        else:
-            runs.append([step, step])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs) or "none"
 
 
 def report(bench: BenchConfig, results: list[dict[str, Any]], wall_s: float) -> None:
@@ -320,7 +300,7 @@ def report(bench: BenchConfig, results: list[dict[str, Any]], wall_s: float) -> 
             f"| {median[name]:.2f} | {median[UNCACHED] / median[name]:.2f}x "
             f"| {median_cpu[name]:.2f} | {median_cpu[UNCACHED] / median_cpu[name]:.2f}x "
             f"| {median_tf[name]:.2f} | {median_tf[UNCACHED] / median_tf[name]:.2f}x "
-            f"| {_fmt_db(psnr(image, reference_image))} | {relative_l2(latent, reference_latents):.2e} |"
+            f"| {_fmt_db(psnr(image, reference_image, peak=1.0))} | {relative_l2(latent, reference_latents):.2e} |"
         )
 
     # Noise on a shared machine only ever adds time: the fastest round is a second, independent estimate.
@@ -346,7 +326,7 @@ def report(bench: BenchConfig, results: list[dict[str, Any]], wall_s: float) -> 
         stats = first["stats"][name][0]
         for branch in BRANCHES:
             if branch in stats:
-                print(f"  {name:<16} {branch:<6} computed {_ranges(stats[branch]['computed'])}")
+                print(f"  {name:<16} {branch:<6} computed {step_ranges(stats[branch]['computed'])}")
     rel = first["stats"][bench.variants[-1]][0].get("cond", {}).get("rel_l1", {}) if bench.thresholds else {}
     if rel:
         values = list(rel.values())

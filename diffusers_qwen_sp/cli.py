@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(calibrate, default_size="1024", default_steps="50")
     calibrate.add_argument("--prompts", nargs="+", default=None, help="prompts to run, one call each")
     calibrate.add_argument("--degree", type=_positive_int, default=4, help="degree of the polynomial (default: 4)")
+
+    from .bench import add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench",
+        help="measure stock diffusers, our SP modes, diffusers' context parallelism and TeaCache on this machine",
+        description="One run, interleaved, medians: every comparison is a ratio measured in the same run. Writes "
+        "JSON, a Markdown table and a PNG plot.",
+    )
+    add_bench_arguments(bench)
     return parser
 
 
@@ -269,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             generate(args)
         elif args.command == "calibrate-teacache":
             calibrate(args)
+        elif args.command == "bench":
+            from .bench import run_bench
+
+            run_bench(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
