@@ -117,10 +117,17 @@ def _sequence_parallel_config(args: argparse.Namespace) -> Any:
     ulysses, ring = args.ulysses_degree, args.ring_degree
     if world_size == 1 and cfg * (ulysses or 1) * (ring or 1) == 1:
         return None
-    if ulysses is None and ring is None:
-        if world_size % cfg:
-            raise ValueError(f"--cfg-parallel needs an even number of processes, got {world_size}.")
-        ulysses = world_size // cfg
+    if ulysses is None or ring is None:  # the degree not given takes the processes left
+        given = cfg * (ulysses or ring or 1)
+        if world_size % given:
+            raise ValueError(
+                f"{world_size} processes do not split into cfg {cfg} x the given degree {ulysses or ring or 1}; "
+                "pass --ulysses-degree and --ring-degree whose product times the CFG degree is the process count."
+            )
+        if ulysses is None:
+            ulysses = world_size // given
+        else:
+            ring = world_size // given
     return SequenceParallelConfig(
         ulysses_degree=ulysses or 1, ring_degree=ring or 1, cfg_degree=cfg,
         attention_backend=args.attention_backend, timeout=args.timeout,
@@ -184,7 +191,11 @@ def _prepare(args: argparse.Namespace, sp_config: Any = None) -> tuple[Any, dict
     device, dtype = _device_and_dtype(args)
     pipe, tiny = load_pipeline(args.model, dtype)
     if sp_config is not None:
-        pipe.enable_sequence_parallel(sp_config)  # first: it sets this rank's GPU
+        from .distributed import init_distributed
+
+        # A CPU run on a GPU host needs gloo: NCCL cannot move CPU tensors.
+        init_distributed(timeout=sp_config.timeout, backend="gloo" if device.type == "cpu" else None)
+        pipe.enable_sequence_parallel(sp_config)  # before .to(device): it selects this rank's GPU
     pipe.to(device)
     kind = type(pipe).__name__
     layered = "Layered" in kind

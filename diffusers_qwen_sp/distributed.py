@@ -138,6 +138,10 @@ def init_distributed(timeout: float = 600.0, backend: str | None = None) -> None
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this build of PyTorch.")
     if dist.is_initialized():
+        local_rank = os.environ.get("LOCAL_RANK")
+        if local_rank is not None and dist.get_backend() == "nccl" and torch.cuda.current_device() != int(local_rank):
+            # A process group started by the user without set_device: NCCL needs one GPU per local rank.
+            torch.cuda.set_device(int(local_rank))
         return
     missing = [name for name in _LAUNCHER_ENV if name not in os.environ]
     if missing:

@@ -200,6 +200,18 @@ def _errors(rank, world_size):
                 apply_sequence_parallel(model, config)
         except ValueError as error:
             messages[name] = str(error)
+    # CFG parallel driven by hand without saying whether the call does true CFG: refused, never a silent guess.
+    from diffusers_qwen_sp.hooks import apply_cfg_parallel, remove_cfg_parallel
+
+    runtime = apply_sequence_parallel(model, SequenceParallelConfig(cfg_degree=2))
+    apply_cfg_parallel(model, runtime.groups)
+    try:
+        with torch.no_grad(), model.cache_context("cond"):
+            model(**_transformer_inputs(model.config, [(1, 2, 2)]))
+    except RuntimeError as error:
+        messages["cfg_unknown"] = str(error)
+    remove_cfg_parallel(model)
+    remove_sequence_parallel(model)
     model._parallel_config = object()  # what diffusers' enable_parallelism leaves behind
     try:
         apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=2))
@@ -232,6 +244,7 @@ def test_clear_errors_under_a_launcher():
     assert "= 4, but the world size is 2" in messages["product"]
     assert "ulysses_degree=2 does not divide the 3 attention heads" in messages["heads"]
     assert "enable_parallelism" in messages["diffusers_cp"]
+    assert "does not know whether this call does true CFG" in messages["cfg_unknown"]
 
 
 def test_no_launcher_environment(monkeypatch):

@@ -66,7 +66,7 @@ class CFGParallelHook(ModelHook):
         self.groups = groups
         # Only for the cache context (which branch a call is); the per-step exchange state is below.
         self.state_manager = StateManager(_NoState)
-        self.true_cfg: bool | None = None  # set by the pipeline for each call; None: infer from the contexts seen
+        self.true_cfg: bool | None = None  # whether the running call does true CFG: set by our pipelines per call
         self._pending: _PendingStep | None = None
         self._warned_duplicate = False
         self._signature: inspect.Signature | None = None
@@ -86,6 +86,12 @@ class CFGParallelHook(ModelHook):
         arguments = self._bind(module, args, kwargs)
         return_dict = arguments.pop("return_dict")
         branch = self.state_manager.context.name
+        if self.true_cfg is None and branch in ("cond", "uncond"):
+            raise RuntimeError(
+                "CFG parallel does not know whether this call does true CFG: call the transformer through a "
+                "diffusers_qwen_sp pipeline, or set `hook.true_cfg` (the hook returned by apply_cfg_parallel) before "
+                "each call of your own loop."
+            )
         if self.true_cfg is False or branch not in ("cond", "uncond"):
             output = self._batch_split_forward(module, arguments)
         elif branch == "cond":
@@ -98,6 +104,11 @@ class CFGParallelHook(ModelHook):
         return self.fn_ref.original_forward(**arguments, return_dict=False)[0]
 
     def _cond_forward(self, module: nn.Module, arguments: dict[str, Any]) -> torch.Tensor:
+        if self._pending is not None:
+            raise RuntimeError(
+                "CFG parallel got two conditional calls without the unconditional call between them. With true CFG "
+                "the transformer must be called under cache_context('cond') then ('uncond') every step."
+            )
         if self.groups.cfg_rank == 0:
             output = self._run(module, arguments)
         else:
@@ -123,6 +134,12 @@ class CFGParallelHook(ModelHook):
         # (B, S, C) per CFG rank -> (2B, S, C) -> (2, B, S, C): [conditional, unconditional] on every rank
         gathered = all_gather_dim0(mine, self.groups.cfg_group, 2).unflatten(0, (2, mine.shape[0]))
         if self.groups.cfg_rank == 1:
+            if pending.output.dtype != gathered.dtype or pending.output.shape != gathered.shape[1:]:
+                raise RuntimeError(
+                    f"CFG parallel: the conditional prediction is {gathered.dtype} {tuple(gathered.shape[1:])} but "
+                    f"the buffer rank 1 returned for it is {pending.output.dtype} {tuple(pending.output.shape)} (is "
+                    "proj_out quantized or cast?). Run without CFG parallel for this model."
+                )
             pending.output.copy_(gathered[0])  # the conditional prediction the pipeline already holds
         return gathered[1]
 
