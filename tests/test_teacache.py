@@ -516,7 +516,7 @@ def _sp_transformer(variant: str) -> QwenImageSPTransformer2DModel:
 
 
 def _sp_teacache_worker(rank: int, world_size: int, cases: list[tuple[int, int, int]]) -> dict:
-    from diffusers_qwen_sp.hooks.cfg_parallel import CFG_PARALLEL_HOOK, apply_cfg_parallel
+    from diffusers_qwen_sp.hooks.cfg_parallel import CFG_PARALLEL_HOOK, apply_cfg_parallel, get_cfg_parallel_hook
     from diffusers_qwen_sp.hooks.sequence_parallel import SequenceParallelConfig, apply_sequence_parallel
 
     results = {}
@@ -539,6 +539,8 @@ def _sp_teacache_worker(rank: int, world_size: int, cases: list[tuple[int, int, 
                 if cfg > 1:
                     apply_cfg_parallel(transformer, runtime.groups)
                 apply_teacache(transformer, TeaCacheConfig(threshold=SP_THRESHOLD))
+            if cfg > 1:
+                get_cfg_parallel_hook(transformer).true_cfg = True  # a hand-written loop with both branches
             order = list(transformer._diffusers_hook._hook_order)
             assert order == ([TEACACHE_HOOK, CFG_PARALLEL_HOOK] if cfg > 1 else [TEACACHE_HOOK]), order
             results[((ulysses, ring, cfg), variant)] = _sp_denoise(transformer, variant)
