@@ -24,7 +24,7 @@ from pathlib import Path
 # Run from a checkout without installing: make the repository root importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusers_qwen_sp.bench import main  # noqa: E402
+from diffusers_qwen_sp.cli import main  # noqa: E402
 
 
 DEFAULTS = [
@@ -39,4 +39,4 @@ DEFAULTS = [
 
 if __name__ == "__main__":
     # argparse keeps the last value of an option: the user's, given after the defaults.
-    sys.exit(main([*DEFAULTS, *sys.argv[1:]]))
+    sys.exit(main(["bench", *DEFAULTS, *sys.argv[1:]]))

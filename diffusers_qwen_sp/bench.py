@@ -1686,11 +1686,12 @@ def _scaling_degrees(settings: BenchSettings) -> list[int]:
     return [p for p in (2, 4, 8) if p < settings.world]
 
 
-def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+def run_bench(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     r"""
     Run `python -m diffusers_qwen_sp bench` with parsed `args` (see [`add_bench_arguments`]): spawn the processes,
-    measure, write `bench.json`, `bench.md` and `bench.png` into `args.output_dir`, print the table, and return the
-    report (the content of `bench.json`).
+    measure, write `bench.json`, `bench.md` and `bench.png` into `args.output_dir`, and return the report (the
+    content of `bench.json`, plus `report["files"]`, the paths written). `progress` receives a line per phase
+    (default: the logger).
 
     Raises:
         `ValueError`: invalid options, or a launcher's environment (the bench spawns its own processes).
@@ -1707,18 +1708,18 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     backend = "nccl" if settings.device == "cuda" else "gloo"
     if settings.device == "cuda" and settings.world > torch.cuda.device_count():
         raise ValueError(f"--world {settings.world} needs that many GPUs; {torch.cuda.device_count()} are visible.")
-    print(
+    progress = progress or logger.info
+    progress(
         f"bench: {len(rows)} rows on {settings.world} {backend} process(es), preset {settings.preset}, "
         f"{config['num_layers']} layers x {heads} heads x {config['attention_head_dim']}, "
-        f"{settings.height}x{settings.width} px, {settings.steps} steps ...",
-        flush=True,
+        f"{settings.height}x{settings.width} px, {settings.steps} steps ..."
     )
     start = time.perf_counter()
     results = run_distributed(_bench_worker, settings.world, settings, tuple(rows), timeout=settings.timeout,
                               backend=backend)
     scaling: list[dict[str, Any]] = []
     for processes in _scaling_degrees(settings):
-        print(f"bench: SP scaling run on {processes} processes ...", flush=True)
+        progress(f"bench: SP scaling run on {processes} processes ...")
         run_settings = replace(settings, world=processes, phases=("forward",))
         specs = scaling_rows(processes, heads)
         run_results = run_distributed(_bench_worker, processes, run_settings, tuple(specs),
@@ -1733,24 +1734,4 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             row["forward_speedup_vs_stock"] = _ratio(stock_time, row.get("per_forward_s"))
     report = build_report(settings, rows, results, scaling, time.perf_counter() - start)
     paths = write_outputs(report, Path(getattr(args, "output_dir", None) or "bench-results"))
-    print()
-    print(markdown_table(report))
-    print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']} ({report['wall_s']:.0f} s)")
-    return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    r"""`python -m diffusers_qwen_sp.bench [options]`: the same as `python -m diffusers_qwen_sp bench`."""
-    parser = argparse.ArgumentParser(prog="python -m diffusers_qwen_sp bench", description=__doc__.split("\n\n")[0])
-    add_bench_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_bench(args)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {**report, "files": {name: str(path) for name, path in paths.items()}}

@@ -291,9 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "calibrate-teacache":
             calibrate(args)
         elif args.command == "bench":
-            from .bench import run_bench
+            from .bench import markdown_table, run_bench
 
-            run_bench(args)
+            report = run_bench(args, progress=lambda line: print(line, flush=True))
+            print(f"\n{markdown_table(report)}")
+            files = report["files"]
+            print(f"wrote {files['json']}, {files['markdown']}, {files['plot']} ({report['wall_s']:.0f} s)")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
