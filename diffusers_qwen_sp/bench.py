@@ -1270,6 +1270,17 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"{settings['warmup']} warm-up; the run took {report['wall_s']:.0f} s."
     )
     lines.append("")
+    # The head-to-head with diffusers' own context parallelism, as a time ratio of the same run.
+    by_key = {row["key"]: row for row in report["rows"] if row["status"] == "ok"}
+    peer = by_key.get("diffusers-cp")
+    for key, row in by_key.items():
+        if peer is None or row["kind"] == "diffusers_cp" or row.get("ulysses") != peer.get("ulysses"):
+            continue
+        if row.get("ring", 1) == 1 and row.get("cfg", 1) == 1 and row.get("teacache_threshold") is None:
+            ratio = _ratio(row.get("per_forward_s"), peer.get("per_forward_s"))
+            if ratio is not None:
+                lines.append(f"**{row['name']} / {peer['name']}, forward time: {ratio:.3f}** (below 1: ours is faster).")
+                lines.append("")
     teacache_column = any(row.get("computed_calls") is not None for row in report["rows"])
     header = ["row", "procs"]
     if forward:

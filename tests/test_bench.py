@@ -72,6 +72,9 @@ def test_quick_bench_writes_json_markdown_and_png(quick: tuple) -> None:
     assert [row["name"] for row in on_disk["rows"]] == QUICK_ROWS
     assert on_disk["settings"]["preset"] == "quick"
     markdown = (output_dir / "bench.md").read_text()
+    rows = _rows(on_disk)
+    ratio = rows["ours Ulysses 2"]["per_forward_s"] / rows["diffusers CP Ulysses 2"]["per_forward_s"]
+    assert f"ours Ulysses 2 / diffusers CP Ulysses 2, forward time: {ratio:.3f}" in markdown
     for name in QUICK_ROWS:
         assert f"| {name} |" in markdown
     assert (output_dir / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
