@@ -220,7 +220,8 @@ def _resolve(root: nn.Module, path: str) -> list[nn.Module]:
     return modules
 
 
-def _get_runtime(transformer: nn.Module) -> SequenceParallelRuntime | None:
+def get_sequence_parallel_runtime(transformer: nn.Module) -> SequenceParallelRuntime | None:
+    r"""The runtime of the sequence parallelism applied to `transformer`, or `None` when it is off."""
     registry = getattr(transformer.proj_out, "_diffusers_hook", None) if hasattr(transformer, "proj_out") else None
     hook = registry.get_hook(SP_GATHER_HOOK) if registry is not None else None
     return hook.runtime if hook is not None else None
@@ -258,7 +259,7 @@ def apply_sequence_parallel(
     >>> remove_sequence_parallel(transformer)
     ```
     """
-    if _get_runtime(transformer) is not None:
+    if get_sequence_parallel_runtime(transformer) is not None:
         raise RuntimeError("Sequence parallelism is already applied to this transformer; call remove_sequence_parallel first.")
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError(
@@ -303,7 +304,7 @@ def apply_sequence_parallel(
 
 def remove_sequence_parallel(transformer: nn.Module) -> None:
     r"""Undo [`apply_sequence_parallel`]: remove the hooks and restore the previous attention processors."""
-    runtime = _get_runtime(transformer)
+    runtime = get_sequence_parallel_runtime(transformer)
     if runtime is None:
         return
     for path, entry in QWEN_IMAGE_SP_PLAN.items():
@@ -313,7 +314,3 @@ def remove_sequence_parallel(transformer: nn.Module) -> None:
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
     transformer.set_attn_processor(runtime.original_processors)
 
-
-def get_sequence_parallel_runtime(transformer: nn.Module) -> SequenceParallelRuntime | None:
-    r"""The runtime of the sequence parallelism applied to `transformer`, or `None` when it is off."""
-    return _get_runtime(transformer)
