@@ -1,4 +1,5 @@
-"""Command line: `python -m diffusers_qwen_sp {generate,calibrate-teacache} ...` (also `diffusers-qwen-sp`)."""
+"""Command line: `python -m diffusers_qwen_sp {generate,calibrate-teacache,bench,bench-teacache,train-scenes} ...`
+(also `diffusers-qwen-sp`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from diffusers.utils import logging
+
+from .scenes.model import SCENE_DEFAULT_STEPS, SCENE_IMAGE_SIZE, SCENE_TEACACHE_COEFFICIENTS
 
 
 logger = logging.get_logger("diffusers_qwen_sp")
@@ -42,11 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser(
         "generate",
         help="generate an image and write a PNG",
-        description="Generate an image. With no --model, a tiny offline model is used so the command runs anywhere "
-        "(it draws noise: use a real checkpoint for pictures).",
+        description="Generate an image. With no --model, the small scene model that ships with the package draws "
+        "64x64 scenes of simple shapes, offline (prompts like 'two red circles left of a blue square on a yellow "
+        "background'); pass a real checkpoint for anything else.",
     )
     _add_model_arguments(generate, default_size="1328", default_steps="50")
-    generate.add_argument("--prompt", default="a red circle on a blue background")
+    generate.add_argument("--prompt", default="two red circles left of a blue square on a yellow background")
     generate.add_argument("--output", default="output.png", help="PNG path (several images get _0, _1, ... suffixes)")
     generate.add_argument("--teacache", type=_threshold, default=None, metavar="THRESHOLD",
                           help="enable TeaCache with this threshold (0.2 is a good start; higher skips more steps)")
@@ -59,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         "fit a polynomial; prints a TeaCacheConfig(coefficients=[...]) line.",
     )
     _add_model_arguments(calibrate, default_size="1024", default_steps="50")
-    calibrate.add_argument("--prompts", nargs="+", default=None, help="prompts to run, one call each")
+    calibrate.add_argument("--prompts", nargs="+", default=None,
+                           help="prompts to run, one call each (default: 6 generic ones; 12 scenes for the scene model)")
     calibrate.add_argument("--degree", type=_positive_int, default=4, help="degree of the polynomial (default: 4)")
 
     from .bench import add_bench_arguments
@@ -71,18 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
         "JSON, a Markdown table and a PNG plot.",
     )
     add_bench_arguments(bench)
+
+    from .scenes.teacache_curve import add_curve_arguments
+
+    curve = commands.add_parser(
+        "bench-teacache",
+        help="TeaCache's speed/quality curve on the trained scene model, with sequence parallelism on and off",
+        description="For each threshold: speed-up over uncached, PSNR against the uncached image and prompt "
+        "faithfulness judged by the scene grammar's checks. Writes JSON, a Markdown table and a PNG of the images.",
+    )
+    add_curve_arguments(curve)
+
+    from .scenes.train import add_train_arguments
+
+    train = commands.add_parser(
+        "train-scenes",
+        help="train the scene model from scratch on CPU (the recipe of the shipped weights)",
+        description="Train the VAE on procedural scenes, then the transformer by flow matching, and save a "
+        "QwenImagePipeline folder; reproducible from --seed. About 45 minutes on 2 CPU cores.",
+    )
+    add_train_arguments(train)
     return parser
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser, default_size: str, default_steps: str) -> None:
     parser.add_argument("--model", default=None, help="Hub id or local folder of a Qwen-Image pipeline "
-                        "(e.g. Qwen/Qwen-Image); default: the tiny offline model")
+                        "(e.g. Qwen/Qwen-Image); default: the scene model shipped with the package")
     parser.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default: ' ')")
     parser.add_argument("--image", action="append", default=None,
                         help="input image for edit and layered pipelines (repeat for several)")
-    parser.add_argument("--height", type=_positive_int, default=None, help=f"default: {default_size} (tiny model: 64)")
-    parser.add_argument("--width", type=_positive_int, default=None, help=f"default: {default_size} (tiny model: 64)")
-    parser.add_argument("--steps", type=_positive_int, default=None, help=f"default: {default_steps} (tiny model: 8)")
+    parser.add_argument("--height", type=_positive_int, default=None, help=f"default: {default_size} (scene model: 64)")
+    parser.add_argument("--width", type=_positive_int, default=None, help=f"default: {default_size} (scene model: 64)")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help=f"default: {default_steps} (scene model: {SCENE_DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--true-cfg-scale", type=float, default=4.0,
                         help="true classifier-free guidance scale; <= 1 disables CFG")
@@ -153,15 +179,19 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dty
 
 
 def load_pipeline(model: str | None, dtype: torch.dtype) -> tuple[Any, bool]:
-    r"""Load `model` into our pipeline class for its kind; `None` builds the tiny offline model. Returns `(pipe, tiny)`."""
+    r"""Load `model` into our pipeline class for its kind; `None` loads the shipped scene model. Returns
+    `(pipe, scene)`, `scene` telling whether it is a scene model (the shipped one or one `train-scenes` wrote), which
+    gets the scene model's sizes, steps and TeaCache coefficients."""
+    from .scenes import is_scene_model
+
     from diffusers import DiffusionPipeline
 
     from .pipelines import PIPELINES_BY_NAME, PIPELINES_BY_STOCK_NAME
 
     if model is None:
-        from .testing import build_tiny_pipeline
+        from .scenes import load_scene_pipeline
 
-        return build_tiny_pipeline("qwen_image", pipeline_cls=PIPELINES_BY_NAME["qwen_image"]), True
+        return load_scene_pipeline(pipeline_cls=PIPELINES_BY_NAME["qwen_image"], torch_dtype=dtype), True
     config = DiffusionPipeline.load_config(model)
     stock_class = config.get("_class_name")
     pipeline_cls = PIPELINES_BY_STOCK_NAME.get(stock_class)
@@ -170,7 +200,7 @@ def load_pipeline(model: str | None, dtype: torch.dtype) -> tuple[Any, bool]:
             f"{model} holds a {stock_class} pipeline; diffusers_qwen_sp runs {sorted(PIPELINES_BY_STOCK_NAME)}. "
             "Pass a Qwen-Image, Qwen-Image-Edit(-Plus) or Qwen-Image-Layered checkpoint."
         )
-    return pipeline_cls.from_pretrained(model, torch_dtype=dtype), False
+    return pipeline_cls.from_pretrained(model, torch_dtype=dtype), is_scene_model(model)
 
 
 def check_image_size(height: int, width: int, multiple: int) -> None:
@@ -184,12 +214,13 @@ def check_image_size(height: int, width: int, multiple: int) -> None:
             )
 
 
-def _prepare(args: argparse.Namespace, sp_config: Any = None) -> tuple[Any, dict[str, Any], int]:
-    r"""Load the pipeline on this rank's device and build the call arguments shared by both commands."""
+def _prepare(args: argparse.Namespace, sp_config: Any = None) -> tuple[Any, dict[str, Any], int, bool]:
+    r"""Load the pipeline on this rank's device and build the call arguments shared by both commands. Returns
+    `(pipe, call arguments, steps, scene)`, `scene` telling whether it is the shipped scene model."""
     from PIL import Image
 
     device, dtype = _device_and_dtype(args)
-    pipe, tiny = load_pipeline(args.model, dtype)
+    pipe, scene = load_pipeline(args.model, dtype)
     if sp_config is not None:
         from .distributed import init_distributed
 
@@ -199,7 +230,7 @@ def _prepare(args: argparse.Namespace, sp_config: Any = None) -> tuple[Any, dict
     pipe.to(device)
     kind = type(pipe).__name__
     layered = "Layered" in kind
-    steps = args.steps or (8 if tiny else args.default_steps)
+    steps = args.steps or (SCENE_DEFAULT_STEPS if scene else args.default_steps)
     call: dict[str, Any] = dict(
         negative_prompt=args.negative_prompt,
         true_cfg_scale=args.true_cfg_scale,
@@ -212,11 +243,11 @@ def _prepare(args: argparse.Namespace, sp_config: Any = None) -> tuple[Any, dict
     elif "Edit" in kind or layered:
         raise ValueError(f"{kind} edits an input image: pass one with --image PATH.")
     if not layered:  # Layered sizes its output from the input image
-        height = args.height or (64 if tiny else args.default_size)
-        width = args.width or (64 if tiny else args.default_size)
+        height = args.height or (SCENE_IMAGE_SIZE if scene else args.default_size)
+        width = args.width or (SCENE_IMAGE_SIZE if scene else args.default_size)
         check_image_size(height, width, pipe.vae_scale_factor * 2)
         call.update(height=height, width=width)
-    return pipe, call, steps
+    return pipe, call, steps, scene
 
 
 def _save_images(images: Any, output: Path) -> list[Path]:
@@ -241,9 +272,18 @@ def _save_images(images: Any, output: Path) -> list[Path]:
 def generate(args: argparse.Namespace) -> list[Path]:
     r"""Run the `generate` command; returns the paths written (on rank 0; other ranks write nothing)."""
     sp_config = _sequence_parallel_config(args)
-    pipe, call, steps = _prepare(args, sp_config)
+    pipe, call, steps, scene = _prepare(args, sp_config)
+    if scene:
+        from .scenes import parse_prompt
+
+        try:
+            parse_prompt(args.prompt)
+        except ValueError as error:  # the model only knows its grammar: say so, then draw anyway
+            logger.warning(f"The scene model will not draw this faithfully: {error}")
     if args.teacache is not None:
-        pipe.enable_teacache(threshold=args.teacache, num_inference_steps=steps)
+        # The scene model's own coefficients (fitted with calibrate-teacache); Qwen-Image's for everything else.
+        coefficients = list(SCENE_TEACACHE_COEFFICIENTS) if scene else None
+        pipe.enable_teacache(threshold=args.teacache, num_inference_steps=steps, coefficients=coefficients)
 
     start = time.perf_counter()
     result = pipe(prompt=args.prompt, **call)
@@ -269,8 +309,15 @@ def calibrate(args: argparse.Namespace) -> Any:
     r"""Run the `calibrate-teacache` command and print coefficients ready for `TeaCacheConfig`."""
     from .teacache_calibration import DEFAULT_CALIBRATION_PROMPTS, calibrate_teacache, format_coefficients
 
-    pipe, call, steps = _prepare(args)
-    prompts = list(args.prompts) if args.prompts else list(DEFAULT_CALIBRATION_PROMPTS)
+    pipe, call, steps, scene = _prepare(args)
+    if args.prompts:
+        prompts = list(args.prompts)
+    elif scene:
+        from .scenes import scene_prompts
+
+        prompts = scene_prompts(12, seed=0)
+    else:
+        prompts = list(DEFAULT_CALIBRATION_PROMPTS)
     call["output_type"] = "latent"  # the VAE decode tells nothing about the transformer
     start = time.perf_counter()
     calibration = calibrate_teacache(pipe, prompts, degree=args.degree, **call)
@@ -290,6 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             generate(args)
         elif args.command == "calibrate-teacache":
             calibrate(args)
+        elif args.command == "train-scenes":
+            from .scenes.train import run_train_command
+
+            run_train_command(args)
+        elif args.command == "bench-teacache":
+            from .scenes.teacache_curve import run_curve_command
+
+            run_curve_command(args)
         elif args.command == "bench":
             from .bench import markdown_table, run_bench
 

@@ -7,7 +7,8 @@ One node, 4 GPUs:     torchrun --nproc-per-node 4 examples/text_to_image.py --mo
 Two nodes x 8 GPUs:   torchrun --nnodes 2 --node-rank $NODE_RANK --nproc-per-node 8 --master-addr $HEAD \
                           --master-port 29500 examples/text_to_image.py --model Qwen/Qwen-Image \
                           --ulysses-degree 8 --ring-degree 2
-Without --model it runs the tiny offline model (random weights, a few seconds on a CPU).
+Without --model it runs the scene model that ships with the package (64x64 scenes of simple shapes, a few seconds on
+a CPU): try --prompt "three green triangles above a purple circle on a white background".
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from diffusers_qwen_sp import QwenImageSPPipeline
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="e.g. Qwen/Qwen-Image; default: the tiny offline model")
-    parser.add_argument("--prompt", default="a red fox in the snow, golden hour")
+    parser.add_argument("--model", default=None, help="e.g. Qwen/Qwen-Image; default: the shipped scene model")
+    parser.add_argument("--prompt", default=None, help="default: a fox for real models, a scene for the scene model")
     parser.add_argument("--negative-prompt", default=" ")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
@@ -37,13 +38,23 @@ def main() -> None:
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
+    teacache: dict = {}
     if args.model is None:
-        from diffusers_qwen_sp.testing import build_tiny_pipeline
+        from diffusers_qwen_sp.scenes import (
+            SCENE_DEFAULT_STEPS,
+            SCENE_IMAGE_SIZE,
+            SCENE_TEACACHE_COEFFICIENTS,
+            load_scene_pipeline,
+        )
 
-        pipe, size, steps = build_tiny_pipeline("qwen_image", pipeline_cls=QwenImageSPPipeline), 64, 8
+        pipe = load_scene_pipeline(pipeline_cls=QwenImageSPPipeline)
+        size, steps = SCENE_IMAGE_SIZE, SCENE_DEFAULT_STEPS
+        prompt = "two red circles left of a blue square on a yellow background"
+        teacache["coefficients"] = list(SCENE_TEACACHE_COEFFICIENTS)  # fitted for this model
     else:
         dtype = torch.bfloat16 if on_gpu else torch.float32
-        pipe, size, steps = QwenImageSPPipeline.from_pretrained(args.model, torch_dtype=dtype), 1328, 50
+        pipe = QwenImageSPPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        size, steps, prompt = 1328, 50, "a red fox in the snow, golden hour"
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:
@@ -53,10 +64,10 @@ def main() -> None:
         )
     pipe.to("cuda" if on_gpu else "cpu")
     if args.teacache is not None:
-        pipe.enable_teacache(threshold=args.teacache)
+        pipe.enable_teacache(threshold=args.teacache, **teacache)
 
     image = pipe(
-        prompt=args.prompt,
+        prompt=args.prompt or prompt,
         negative_prompt=args.negative_prompt,
         true_cfg_scale=4.0,
         height=args.height or size,

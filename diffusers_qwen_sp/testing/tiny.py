@@ -214,8 +214,10 @@ def sp_pipeline_class(variant: str) -> type[DiffusionPipeline]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _tiny_bpe_model() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
+@functools.lru_cache(maxsize=4)
+def _tiny_bpe_model(
+    corpus: tuple[str, ...], vocab_size: int
+) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
     # Immutable (vocab items, merges) so the cache cannot be corrupted; every caller builds its own tokenizer from it.
     bpe = Tokenizer(models.BPE())
     # The same normalizer and pre-tokenizer `Qwen2Tokenizer` installs, so the learned merges apply unchanged there.
@@ -227,32 +229,40 @@ def _tiny_bpe_model() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str
         ]
     )
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE - len(QWEN_SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(QWEN_SPECIAL_TOKENS),
         min_frequency=1,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
         show_progress=False,
     )
-    bpe.train_from_iterator(_TOKENIZER_CORPUS, trainer=trainer)
+    bpe.train_from_iterator(corpus, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     vocab = tuple(sorted(model["vocab"].items(), key=lambda item: item[1]))
     merges = tuple(tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"])
     return vocab, merges
 
 
-def build_tiny_tokenizer() -> Qwen2Tokenizer:
+def build_tiny_tokenizer(
+    corpus: tuple[str, ...] = _TOKENIZER_CORPUS, vocab_size: int = TINY_VOCAB_SIZE
+) -> Qwen2Tokenizer:
     r"""
     Build a small deterministic `Qwen2Tokenizer` with the Qwen special tokens.
 
-    The byte-level BPE is trained once per process with the `tokenizers` library on a small built-in corpus (no
-    download) and cached; each call returns a new tokenizer object, so callers may modify theirs freely. The BPE tokens
-    take ids `0 .. TINY_VOCAB_SIZE - 15` and [`QWEN_SPECIAL_TOKENS`] follow in the order of the real Qwen2.5-VL
-    tokenizer, ending at `TINY_VOCAB_SIZE - 1`.
+    The byte-level BPE is trained once per process with the `tokenizers` library on a small corpus (no download) and
+    cached; each call returns a new tokenizer object, so callers may modify theirs freely. The BPE tokens take the
+    first ids (up to `vocab_size - 14` of them, fewer when the corpus has fewer merges to learn) and
+    [`QWEN_SPECIAL_TOKENS`] follow right after, in the order of the real Qwen2.5-VL tokenizer.
+
+    Args:
+        corpus (`tuple[str, ...]`, *optional*):
+            Texts to learn the merges from; defaults to a small built-in corpus of generic captions.
+        vocab_size (`int`, defaults to `TINY_VOCAB_SIZE`):
+            Total size including the special tokens; the text encoder's embedding size must match.
 
     Returns:
-        `Qwen2Tokenizer`: a tokenizer of `TINY_VOCAB_SIZE` tokens with pad and eos token `<|endoftext|>`.
+        `Qwen2Tokenizer`: a tokenizer of at most `vocab_size` tokens with pad and eos token `<|endoftext|>`.
     """
-    vocab, merges = _tiny_bpe_model()
+    vocab, merges = _tiny_bpe_model(tuple(corpus), vocab_size)
     tokenizer = Qwen2Tokenizer(
         vocab=dict(vocab),
         merges=list(merges),
@@ -265,10 +275,10 @@ def build_tiny_tokenizer() -> Qwen2Tokenizer:
     )
     ids = tokenizer.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS))
     expected = list(range(len(vocab), len(vocab) + len(QWEN_SPECIAL_TOKENS)))
-    if ids != expected or len(tokenizer) > TINY_VOCAB_SIZE:
+    if ids != expected or len(tokenizer) > vocab_size:
         raise RuntimeError(
             f"Tiny tokenizer special tokens got ids {ids} (expected {expected}) and {len(tokenizer)} tokens (at most "
-            f"{TINY_VOCAB_SIZE}); the installed `tokenizers`/`transformers` build them differently than expected."
+            f"{vocab_size}); the installed `tokenizers`/`transformers` build them differently than expected."
         )
     return tokenizer
 
@@ -416,31 +426,38 @@ def tiny_scheduler_config() -> dict[str, Any]:
     }
 
 
-def tiny_text_encoder_config(tokenizer: Qwen2Tokenizer | None = None) -> Qwen2_5_VLConfig:
+def tiny_text_encoder_config(
+    tokenizer: Qwen2Tokenizer | None = None, hidden_size: int = 32, vocab_size: int = TINY_VOCAB_SIZE
+) -> Qwen2_5_VLConfig:
     r"""
     Config of a tiny `Qwen2_5_VLForConditionalGeneration` whose token ids match [`build_tiny_tokenizer`].
 
-    Text model: hidden 32, 2 layers, 2 heads of 16 dims, multimodal RoPE sections (2, 2, 4). Vision tower: 2 blocks of
-    hidden 16, 14 px patches merged 2x2 into 32-dim tokens.
+    Text model: hidden 32 (by default), 2 layers, heads of 16 dims, multimodal RoPE sections (2, 2, 4). Vision tower:
+    2 blocks of hidden 16, 14 px patches merged 2x2 into tokens of the text model's width.
 
     Args:
         tokenizer (`Qwen2Tokenizer`, *optional*):
             The tokenizer whose special-token ids to use; defaults to a new [`build_tiny_tokenizer`].
+        hidden_size (`int`, defaults to `32`):
+            Width of the text model (and of the vision tower's output); the heads stay 16 dims wide.
+        vocab_size (`int`, defaults to `TINY_VOCAB_SIZE`):
+            Embedding rows; the tokenizer's size.
 
     Returns:
         `Qwen2_5_VLConfig`
     """
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     token_id = tokenizer.convert_tokens_to_ids
-    hidden_size = 32
+    if hidden_size % 16:
+        raise ValueError(f"hidden_size must be a multiple of the 16-dim heads, got {hidden_size}")
     return Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": TINY_VOCAB_SIZE,
+            "vocab_size": vocab_size,
             "hidden_size": hidden_size,
-            "intermediate_size": 64,
+            "intermediate_size": 2 * hidden_size,
             "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
+            "num_attention_heads": hidden_size // 16,
+            "num_key_value_heads": hidden_size // 16,
             "max_position_embeddings": 4096,
             # head_dim 16 -> 8 rotary frequencies, split (temporal, height, width) = (2, 2, 4).
             "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 2, 4]},
