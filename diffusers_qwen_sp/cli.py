@@ -340,11 +340,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "train-scenes":
             from .scenes.train import run_train_command
 
-            run_train_command(args)
+            report = run_train_command(args, log=print)
+            minutes = sum(report["timings_s"].values()) / 60
+            print(f"wrote {args.output} in {minutes:.1f} min; draw with "
+                  f"`python -m diffusers_qwen_sp generate --model {args.output} --prompt '...'`")
         elif args.command == "bench-teacache":
             from .scenes.teacache_curve import run_curve_command
 
-            run_curve_command(args)
+            report = run_curve_command(args, progress=lambda line: print(line, flush=True))
+            files = report["files"]
+            print(f"\n{report['table']}")
+            print(f"wrote {files['json']}, {files['md']}, {files['png']} ({report['wall_s']:.0f} s)")
         elif args.command == "bench":
             from .bench import markdown_table, run_bench
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ def _summarise(settings: CurveSettings, results: list[dict[str, Any]], prompts: 
     return {"rows": rows, "images": images}
 
 
-def run_curve(settings: CurveSettings, progress: Any = None) -> dict[str, Any]:
+def run_curve(settings: CurveSettings, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     r"""
     Measure the curve with SP off and (when `settings.world > 1`) on. Returns the report (images as uint8 arrays
     under `"images"` per mode).
@@ -282,8 +283,9 @@ def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=None, help="seconds per mode (default: 1800)")
 
 
-def run_curve_command(args: argparse.Namespace) -> dict[str, Any]:
-    r"""Run `bench-teacache` from parsed arguments: measure, print the table, write the files."""
+def run_curve_command(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    r"""Run `bench-teacache` from parsed arguments: measure and write the files. Returns the report, with the Markdown
+    table under `"table"` and the paths written under `"files"`; `progress` receives a line per stage."""
     values = {
         item.name: getattr(args, item.name)
         for item in fields(CurveSettings)
@@ -293,7 +295,7 @@ def run_curve_command(args: argparse.Namespace) -> dict[str, Any]:
         if name in values:
             values[name] = tuple(values[name])
     settings = CurveSettings(**values)
-    report = run_curve(settings, progress=lambda line: print(line, flush=True))
+    report = run_curve(settings, progress=progress)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_curve(report)
@@ -307,7 +309,6 @@ def run_curve_command(args: argparse.Namespace) -> dict[str, Any]:
     }
     (output / "teacache_curve.json").write_text(json.dumps(serialisable, indent=2) + "\n")
     (output / "teacache_curve.md").write_text(table)
-    print(f"\n{table}")
-    print(f"wrote {output / 'teacache_curve.json'}, {output / 'teacache_curve.md'}, {output / 'teacache_curve.png'} "
-          f"({report['wall_s']:.0f} s)")
+    report["table"] = table
+    report["files"] = {kind: output / f"teacache_curve.{kind}" for kind in ("json", "md", "png")}
     return report

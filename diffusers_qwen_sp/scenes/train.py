@@ -181,7 +181,6 @@ def _encode_scenes(
     batch, channels, _, height, width = latents.shape
     packed = QwenImagePipeline._pack_latents(latents, batch, channels, height, width)  # (N, h/2 * w/2, 4C)
 
-    embeddings: list[torch.Tensor] = []
     unique = sorted(set(prompts) | {SCENE_NEGATIVE_PROMPT})
     table: dict[str, torch.Tensor] = {}
     for start in range(0, len(unique), chunk):
@@ -382,7 +381,7 @@ def train_scene_model(
         "config": asdict(config),
         "vae_loss": vae_loss,
         "flow_loss": flow_loss,
-        **{key: value for key, value in stats.items()},
+        **stats,
         "timings_s": timings,
         "eval": {
             "prompts": evaluation["prompts"],
@@ -413,12 +412,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"default: {default}")
 
 
-def run_train_command(args: argparse.Namespace) -> dict[str, Any]:
-    r"""Run `train-scenes` from parsed arguments; prints a line per stage and how to use the result."""
+def run_train_command(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    r"""Run `train-scenes` from parsed arguments on every core; `log` receives a line per stage. Returns the report
+    of [`train_scene_model`]."""
     config = SceneTrainingConfig(**{item.name: getattr(args, item.name) for item in fields(SceneTrainingConfig)})
     torch.set_num_threads(os.cpu_count() or 1)
-    start = time.perf_counter()
-    report = train_scene_model(args.output, config, progress=not args.no_progress, log=print)
-    print(f"wrote {args.output} in {(time.perf_counter() - start) / 60:.1f} min; draw with "
-          f"`python -m diffusers_qwen_sp generate --model {args.output} --prompt '...'`")
-    return report
+    return train_scene_model(args.output, config, progress=not args.no_progress, log=log)
