@@ -633,7 +633,7 @@ def materialize_random_transformer(
 
 def _load_transformer(model: str, device: torch.device, dtype: torch.dtype) -> QwenImageTransformer2DModel:
     path, subfolder = _model_location(model)
-    kwargs: dict[str, Any] = dict(subfolder=subfolder, torch_dtype=dtype)
+    kwargs: dict[str, Any] = dict(subfolder=subfolder, dtype=dtype)
     if device.type == "cuda":
         kwargs["device_map"] = str(device)  # straight to this rank's GPU: no full copy in host memory per rank
     transformer = QwenImageTransformer2DModel.from_pretrained(path, **kwargs)

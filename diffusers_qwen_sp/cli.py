@@ -191,7 +191,7 @@ def load_pipeline(model: str | None, dtype: torch.dtype) -> tuple[Any, bool]:
     if model is None:
         from .scenes import load_scene_pipeline
 
-        return load_scene_pipeline(pipeline_cls=PIPELINES_BY_NAME["qwen_image"], torch_dtype=dtype), True
+        return load_scene_pipeline(pipeline_cls=PIPELINES_BY_NAME["qwen_image"], dtype=dtype), True
     config = DiffusionPipeline.load_config(model)
     stock_class = config.get("_class_name")
     pipeline_cls = PIPELINES_BY_STOCK_NAME.get(stock_class)
@@ -200,7 +200,7 @@ def load_pipeline(model: str | None, dtype: torch.dtype) -> tuple[Any, bool]:
             f"{model} holds a {stock_class} pipeline; diffusers_qwen_sp runs {sorted(PIPELINES_BY_STOCK_NAME)}. "
             "Pass a Qwen-Image, Qwen-Image-Edit(-Plus) or Qwen-Image-Layered checkpoint."
         )
-    return pipeline_cls.from_pretrained(model, torch_dtype=dtype), is_scene_model(model)
+    return pipeline_cls.from_pretrained(model, dtype=dtype), is_scene_model(model)
 
 
 def check_image_size(height: int, width: int, multiple: int) -> None:

@@ -48,7 +48,7 @@ def main() -> None:
     else:
         # Qwen-Image-Edit (first release) takes one image and its own pipeline class; 2509 / 2511 take several.
         pipeline_cls = QwenImageEditSPPipeline if args.model.rstrip("/").endswith("Qwen-Image-Edit") else QwenImageEditPlusSPPipeline
-        pipe = pipeline_cls.from_pretrained(args.model, torch_dtype=torch.bfloat16 if on_gpu else torch.float32)
+        pipe = pipeline_cls.from_pretrained(args.model, dtype=torch.bfloat16 if on_gpu else torch.float32)
         if not args.image:
             parser.error("--image is required with --model")
         images = [Image.open(path).convert("RGB") for path in args.image]

@@ -53,7 +53,7 @@ def main() -> None:
         teacache["coefficients"] = list(SCENE_TEACACHE_COEFFICIENTS)  # fitted for this model
     else:
         dtype = torch.bfloat16 if on_gpu else torch.float32
-        pipe = QwenImageSPPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        pipe = QwenImageSPPipeline.from_pretrained(args.model, dtype=dtype)
         size, steps, prompt = 1328, 50, "a red fox in the snow, golden hour"
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from diffusers_qwen_sp.cli import main as cli_main
 from diffusers_qwen_sp.pipelines import QwenImageSPPipeline
 from diffusers_qwen_sp.scenes import (
+    RELATIONS,
     SCENE_DEFAULT_STEPS,
     SCENE_NEGATIVE_PROMPT,
     Scene,
@@ -23,7 +24,9 @@ from diffusers_qwen_sp.scenes import (
     render_scene,
     sample_scene,
     scene_tokenizer,
+    shape_centres,
 )
+from diffusers_qwen_sp.scenes.grammar import _GROUP_JITTER, _RADIUS, _SHAPE_JITTER
 from diffusers_qwen_sp.scenes.teacache_curve import CurveSettings, markdown_curve, run_curve
 from diffusers_qwen_sp.scenes.train import SceneTrainingConfig, evaluate_scene_pipeline, train_scene_model
 
@@ -35,6 +38,31 @@ def test_every_drawn_scene_passes_its_own_checks() -> None:
         assert parse_prompt(scene.prompt) == scene
         check = check_image(render_scene(scene, rng), scene.prompt)
         assert check.faithful, (scene.prompt, check)
+
+
+def test_every_arrangement_keeps_shapes_apart_and_inside_the_picture() -> None:
+    # The layout is what makes counts learnable: shapes of any scene never touch (even at the largest radius and the
+    # worst jitter) and never cross the border, and with a relation each group stays in its half.
+    largest = _RADIUS[1]  # as a fraction of the picture
+    jitter = _GROUP_JITTER + _SHAPE_JITTER  # the most a shape moves on each axis
+    for counts in ((1,), (2,), (3,), (1, 1), (1, 2), (2, 1), (2, 2)):
+        for relation in (None,) if len(counts) == 1 else RELATIONS:
+            groups = tuple(ShapeGroup(n, colour, "circle") for n, colour in zip(counts, ("red", "blue")))
+            centres = shape_centres(Scene(groups, "white", relation))
+            points = np.array([point for group in centres for point in group])  # (shapes, 2)
+            assert len(points) == sum(counts)
+            assert (points - largest - jitter >= 0).all() and (points + largest + jitter <= 1).all(), (counts, relation)
+            group_of = np.repeat(np.arange(len(counts)), counts)  # (shapes,)
+            distance = np.linalg.norm(points[:, None] - points[None], axis=-1)  # (shapes, shapes)
+            # the most two shapes can move towards each other: their own jitters, plus the groups' if they differ
+            moved = np.where(group_of[:, None] == group_of[None], 2 * _SHAPE_JITTER, 2 * jitter) * math.sqrt(2)
+            gap = (distance - moved - 2 * largest)[~np.eye(len(points), dtype=bool)]
+            assert (gap > 0.03).all(), (counts, relation, gap.min())  # 2 px apart at least in 64 x 64
+            if relation is not None:  # first group on the named side of the second, each in its own half
+                axis, sign = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[relation]
+                first, second = (np.array(group)[:, axis] for group in centres)
+                assert (sign * (first - 0.5) > largest + jitter).all(), (counts, relation)
+                assert (sign * (second - 0.5) < -largest - jitter).all(), (counts, relation)
 
 
 def test_checks_fail_on_the_wrong_picture() -> None:
@@ -95,14 +123,14 @@ def scene_pipe() -> QwenImagePipeline:
 
 
 def test_shipped_model_draws_the_scene_it_is_asked_for(scene_pipe: QwenImagePipeline) -> None:
-    # Over 10 seeds (10 prompts of the grammar, generator seeded by index), dominant colours and shape counts right.
-    # The shipped weights get 6 of 10 (about 50 % over 40 prompts); issue 7 asks for 8 and stays open. This pins the
-    # current level, so a regression of the model or of the pipeline path shows.
+    # Over 10 seeds (10 prompts of the grammar, generator seeded by index), dominant colours and shape counts right in
+    # at least 8: the bar of issue 7. The shipped weights get 10 of 10 here (and 40 of 40 in the README's samples);
+    # the margin absorbs float differences between CPUs, not a weaker model. The side of the relation and the absence
+    # of stray colours are held to the same bar.
     evaluation = evaluate_scene_pipeline(scene_pipe, num_seeds=10)
-    passed = [check.colours_and_counts for check in evaluation["checks"]]
-    assert sum(passed) >= 5, list(zip(evaluation["prompts"], evaluation["checks"]))
-    # backgrounds are never the problem
-    assert all(check.background for check in evaluation["checks"])
+    report = list(zip(evaluation["prompts"], evaluation["checks"]))
+    assert sum(check.colours_and_counts for check in evaluation["checks"]) >= 8, report
+    assert sum(check.faithful for check in evaluation["checks"]) >= 8, report
 
 
 def test_our_pipeline_draws_the_same_scene_as_stock(scene_pipe: QwenImagePipeline) -> None:

@@ -152,7 +152,7 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
     >>> from diffusers_qwen_sp import QwenImageSPTransformer2DModel
 
     >>> transformer = QwenImageSPTransformer2DModel.from_pretrained(
-    ...     "Qwen/Qwen-Image", subfolder="transformer", torch_dtype=torch.bfloat16
+    ...     "Qwen/Qwen-Image", subfolder="transformer", dtype=torch.bfloat16
     ... )
     ```
     """

@@ -138,7 +138,7 @@ class QwenImageSPPipelineMixin:
 
         ```py
         >>> # torchrun --nproc-per-node 4 script.py
-        >>> pipe = QwenImageSPPipeline.from_pretrained("Qwen/Qwen-Image", torch_dtype=torch.bfloat16)
+        >>> pipe = QwenImageSPPipeline.from_pretrained("Qwen/Qwen-Image", dtype=torch.bfloat16)
         >>> pipe.enable_sequence_parallel(ulysses_degree=2, ring_degree=2)
         >>> pipe.to("cuda")  # this rank's GPU, set by enable_sequence_parallel
         >>> image = pipe("a red fox in the snow", negative_prompt=" ", true_cfg_scale=4.0).images[0]

@@ -21,7 +21,7 @@ _EXAMPLE = r"""
     >>> import torch
     >>> from diffusers_qwen_sp import {cls}
 
-    >>> pipe = {cls}.from_pretrained("{repo}", torch_dtype=torch.bfloat16).to("cuda")
+    >>> pipe = {cls}.from_pretrained("{repo}", dtype=torch.bfloat16).to("cuda")
     ```
 """
 

@@ -21,6 +21,7 @@ from .grammar import (
     render_scene,
     sample_scene,
     scene_prompts,
+    shape_centres,
 )
 from .model import (
     SCENE_DEFAULT_STEPS,
@@ -60,4 +61,5 @@ __all__ = [
     "sample_scene",
     "scene_prompts",
     "scene_tokenizer",
+    "shape_centres",
 ]

@@ -9,19 +9,19 @@ relation := " left of " | " right of " | " above " | " below "
 ```
 
 e.g. `"two red circles left of a blue square on a yellow background"`. A scene has one group of 1 to 3 shapes or two
-groups of 1 or 2 shapes each, in different colours, none in the background colour.
+groups of 1 or 2 shapes each, in different colours, none in the background colour. The prompt fixes the layout up to
+a small jitter ([`shape_centres`]): a group alone sits in the middle, and with a relation each group fills its half.
 
 [`check_image`] judges any image against any prompt of the grammar, from pixels alone: every pixel is labelled with
 its nearest palette colour; the background colour must label the most pixels (and at least 40 %), each group's colour
-must form
-exactly as many blobs as the prompt counts, the first group must lie on the named side of the second, and no colour
-the prompt does not name may form a blob. That is how the trained scene model and TeaCache's quality are measured.
+must form exactly as many blobs as the prompt counts, the first group must lie on the named side of the second, and
+no colour the prompt does not name may form a blob. That is how the trained scene model and TeaCache's quality are
+measured.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ __all__ = [
     "render_scene",
     "sample_scene",
     "scene_prompts",
+    "shape_centres",
 ]
 
 # Palette in RGB: distinct colours (at least 100 apart), so that a slightly blurred generated pixel still finds its own.
@@ -201,64 +202,73 @@ def _shape_mask(shape: str, cx: float, cy: float, radius: float, size: int, supe
     return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
-# Shapes sit in the cells of a 4 x 4 grid, no two in touching cells (diagonals included): every shape is clearly
-# apart from the others, which makes counts well defined for the model and for the checks.
-_GRID = 4
-_HALVES: dict[str, tuple[Callable[[int, int], bool], Callable[[int, int], bool]]] = {
-    # relation -> (cells allowed for the first group, cells allowed for the second), on (row, column)
-    "left of": (lambda row, column: column < _GRID // 2, lambda row, column: column >= _GRID // 2),
-    "right of": (lambda row, column: column >= _GRID // 2, lambda row, column: column < _GRID // 2),
-    "above": (lambda row, column: row < _GRID // 2, lambda row, column: row >= _GRID // 2),
-    "below": (lambda row, column: row >= _GRID // 2, lambda row, column: row < _GRID // 2),
+# Where shapes go, as data: every count has one arrangement, so a prompt fixes the layout up to a small jitter and the
+# model's job is to draw what the words say (colour, shape, count, side), not to choose among many placements. The
+# offsets are fractions of the picture from the group's centre; shapes of an arrangement are at least 0.4 apart
+# (26 px at 64), twice the largest radius plus a clear gap, so counts are unambiguous for the model and the checks.
+_ARRANGEMENTS: dict[tuple[str, int], tuple[tuple[float, float], ...]] = {
+    # (where the group is, count) -> shape offsets (dx, dy); "whole": alone in the picture, "half": in one half,
+    # laid out across it (the offsets are for a left/right half and get transposed for above/below)
+    ("whole", 1): ((0.0, 0.0),),
+    ("whole", 2): ((-0.2, 0.0), (0.2, 0.0)),
+    ("whole", 3): ((0.0, -0.19), (-0.2, 0.17), (0.2, 0.17)),
+    ("half", 1): ((0.0, 0.0),),
+    ("half", 2): ((0.0, -0.22), (0.0, 0.22)),
 }
+# relation -> (centre of the first group, centre of the second), as fractions of the picture
+_HALF_CENTRES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "left of": ((0.25, 0.5), (0.75, 0.5)),
+    "right of": ((0.75, 0.5), (0.25, 0.5)),
+    "above": ((0.5, 0.25), (0.5, 0.75)),
+    "below": ((0.5, 0.75), (0.5, 0.25)),
+}
+_RADIUS = (0.11, 0.13)  # shape radius range, fraction of the picture
+_GROUP_JITTER = 0.03  # the group's centre moves up to this fraction of the picture
+_SHAPE_JITTER = 0.015  # and each shape up to this, on each axis
 
 
-def _pick_cells(
-    rng: np.random.Generator, count: int, allowed: Callable[[int, int], bool], taken: list[tuple[int, int]]
-) -> list[tuple[int, int]]:
-    # Random free cells, one at a time, none touching a cell already taken.
-    chosen: list[tuple[int, int]] = []
-    for _ in range(count):
-        free = [
-            (row, column)
-            for row in range(_GRID)
-            for column in range(_GRID)
-            if allowed(row, column)
-            and all(max(abs(row - r), abs(column - c)) > 1 for r, c in taken + chosen)
-        ]
-        if not free:
-            return []
-        chosen.append(free[rng.integers(len(free))])
-    return chosen
+def shape_centres(scene: Scene, rng: np.random.Generator | None = None) -> list[list[tuple[float, float]]]:
+    r"""
+    Per group, the centres `(x, y)` of its shapes as fractions of the picture.
+
+    A group alone is arranged around the centre of the picture (one shape in the middle, two side by side, three in
+    a triangle); with a relation, the first group fills the named half and the second the other half, two shapes of
+    a group one behind the other across the half. `rng` adds the jitter [`render_scene`] draws with; `None` gives the
+    exact arrangement.
+    """
+    if scene.relation is None:
+        places = [("whole", (0.5, 0.5), False)]
+    else:
+        transpose = scene.relation in ("above", "below")
+        places = [("half", centre, transpose) for centre in _HALF_CENTRES[scene.relation]]
+    centres = []
+    for group, (where, (cx, cy), transpose) in zip(scene.groups, places):
+        if rng is not None:
+            cx, cy = np.array((cx, cy)) + rng.uniform(-_GROUP_JITTER, _GROUP_JITTER, size=2)
+        group_centres = []
+        for dx, dy in _ARRANGEMENTS[where, group.count]:
+            if transpose:
+                dx, dy = dy, dx
+            if rng is not None:
+                dx, dy = np.array((dx, dy)) + rng.uniform(-_SHAPE_JITTER, _SHAPE_JITTER, size=2)
+            group_centres.append((float(cx + dx), float(cy + dy)))
+        centres.append(group_centres)
+    return centres
 
 
 def render_scene(scene: Scene, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     r"""
     Draw a scene: an `(size, size, 3)` uint8 RGB image.
 
-    Each shape takes a random cell of a 4 x 4 grid (none in cells that touch, diagonals included), with a radius of
-    9 % to 11 % of `size` and its centre up to 1 px off the cell's; with a relation the first group lies in the named
-    half of the picture and the second group in the other half.
+    Shapes sit where [`shape_centres`] puts them (with a jitter of up to 3 % of `size` per group and 1.5 % per
+    shape) with a radius of 11 % to 13 % of `size`, anti-aliased on the plain background.
     """
-    halves = _HALVES[scene.relation] if scene.relation is not None else (lambda row, column: True,) * 2
-    for _ in range(100):  # a placement can paint itself into a corner: draw again
-        taken: list[tuple[int, int]] = []
-        cells = []
-        for group, allowed in zip(scene.groups, halves):
-            cells.append(_pick_cells(rng, group.count, allowed, taken))
-            taken += cells[-1]
-        if all(len(group_cells) == group.count for group_cells, group in zip(cells, scene.groups)):
-            break
-    else:
-        raise RuntimeError(f"could not place the shapes of {scene.prompt!r} on the grid")
     image = np.empty((size, size, 3), dtype=np.float64)
     image[:] = COLOURS[scene.background]
-    cell = size / _GRID
-    for group, group_cells in zip(scene.groups, cells):
-        for row, column in group_cells:
-            cx, cy = (column + 0.5) * cell + rng.uniform(-1, 1), (row + 0.5) * cell + rng.uniform(-1, 1)
-            radius = rng.uniform(0.09, 0.11) * size
-            coverage = _shape_mask(group.shape, cx, cy, radius, size)[..., None]  # (size, size, 1)
+    for group, centres in zip(scene.groups, shape_centres(scene, rng)):
+        for cx, cy in centres:
+            radius = rng.uniform(*_RADIUS) * size
+            coverage = _shape_mask(group.shape, cx * size, cy * size, radius, size)[..., None]  # (size, size, 1)
             image = image * (1 - coverage) + np.asarray(COLOURS[group.colour], dtype=np.float64) * coverage
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 

@@ -54,8 +54,8 @@ SCENE_DEFAULT_STEPS = 20
 SCENE_NEGATIVE_PROMPT = " "
 # TeaCache's rescaling polynomial for this model (highest power first), fitted on the shipped weights with
 # `python -m diffusers_qwen_sp calibrate-teacache` (12 prompts of the grammar x 20 steps x 2 CFG branches: 456 pairs,
-# input rel-L1 0.060 .. 0.255, RMS residual 0.11).
-SCENE_TEACACHE_COEFFICIENTS: tuple[float, ...] = (-1881.28, 1044.27, -183.895, 12.9638, -0.262158)
+# input rel-L1 0.079 .. 0.218, RMS residual 0.085).
+SCENE_TEACACHE_COEFFICIENTS: tuple[float, ...] = (-4437.76, 1742.7, -157.475, -3.73749, 0.677873)
 _SCENE_VOCAB_SIZE = 512
 
 # The pipelines' prompt template (`QwenImagePipeline.prompt_template_encode`).
@@ -142,7 +142,7 @@ def build_scene_components(seed: int = 0) -> dict[str, Any]:
 def load_scene_pipeline(
     path: str | os.PathLike | None = None,
     pipeline_cls: type[DiffusionPipeline] = QwenImagePipeline,
-    torch_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32,
 ) -> DiffusionPipeline:
     r"""
     Load the trained scene model (offline; it ships with the package).
@@ -152,7 +152,7 @@ def load_scene_pipeline(
             A folder written by `python -m diffusers_qwen_sp train-scenes`; defaults to [`SCENE_MODEL_PATH`].
         pipeline_cls (`type[DiffusionPipeline]`, defaults to `QwenImagePipeline`):
             Stock `QwenImagePipeline` or our `diffusers_qwen_sp.QwenImageSPPipeline`.
-        torch_dtype (`torch.dtype`, defaults to `torch.float32`)
+        dtype (`torch.dtype`, defaults to `torch.float32`)
 
     Returns:
         `DiffusionPipeline`: draws 64 x 64 scenes from prompts of the grammar in `diffusers_qwen_sp.scenes.grammar`.
@@ -173,7 +173,7 @@ def load_scene_pipeline(
             f"{path} holds no trained scene model (no model_index.json); train one with "
             f"`python -m diffusers_qwen_sp train-scenes --output {path}`."
         )
-    return pipeline_cls.from_pretrained(path, torch_dtype=torch_dtype)
+    return pipeline_cls.from_pretrained(path, dtype=dtype)
 
 
 def is_scene_model(model: str | os.PathLike | None) -> bool:

@@ -63,7 +63,7 @@ class CurveSettings:
     Args:
         model (`str`, *optional*): a scene-model folder; defaults to the shipped weights.
         thresholds (`tuple[float, ...]`): TeaCache thresholds, from 0.05 to 0.8 by default.
-        prompts (`int`, defaults to `10`): prompts of the grammar drawn with `seed`.
+        prompts (`int`, defaults to `20`): prompts of the grammar drawn with `seed`.
         steps (`int`), cfg_scale (`float`, defaults to `4.0`): sampling of every call.
         world (`int`, defaults to `2`): processes of the SP-on mode (Ulysses degree); 1 skips that mode.
         threads (`int`, defaults to `1`): intra-op threads per process.
@@ -73,7 +73,7 @@ class CurveSettings:
 
     model: str | None = None
     thresholds: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8)
-    prompts: int = 10
+    prompts: int = 20
     steps: int = SCENE_DEFAULT_STEPS
     cfg_scale: float = 4.0
     world: int = 2

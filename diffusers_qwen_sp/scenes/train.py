@@ -372,7 +372,7 @@ def train_scene_model(
     pipe.vae.to(torch.float16)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     # Judge what was saved: reload it as a user would.
-    saved = QwenImagePipeline.from_pretrained(output_dir, torch_dtype=torch.float32)
+    saved = QwenImagePipeline.from_pretrained(output_dir, dtype=torch.float32)
     saved.set_progress_bar_config(disable=True)
     start = time.perf_counter()
     evaluation = evaluate_scene_pipeline(saved, num_seeds=config.eval_seeds)
