@@ -14,7 +14,12 @@ from typing import Any
 import torch
 from diffusers.utils import logging
 
-from .scenes.model import SCENE_DEFAULT_STEPS, SCENE_IMAGE_SIZE, SCENE_TEACACHE_COEFFICIENTS
+from .scenes.model import (
+    SCENE_DEFAULT_PROMPT,
+    SCENE_DEFAULT_STEPS,
+    SCENE_IMAGE_SIZE,
+    SCENE_TEACACHE_COEFFICIENTS,
+)
 
 
 logger = logging.get_logger("diffusers_qwen_sp")
@@ -50,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "background'); pass a real checkpoint for anything else.",
     )
     _add_model_arguments(generate, default_size="1328", default_steps="50")
-    generate.add_argument("--prompt", default="two red circles left of a blue square on a yellow background")
+    generate.add_argument("--prompt", default=SCENE_DEFAULT_PROMPT)
     generate.add_argument("--output", default="output.png", help="PNG path (several images get _0, _1, ... suffixes)")
     generate.add_argument("--teacache", type=_threshold, default=None, metavar="THRESHOLD",
                           help="enable TeaCache with this threshold (0.2 is a good start; higher skips more steps)")
@@ -216,7 +221,7 @@ def check_image_size(height: int, width: int, multiple: int) -> None:
 
 def _prepare(args: argparse.Namespace, sp_config: Any = None) -> tuple[Any, dict[str, Any], int, bool]:
     r"""Load the pipeline on this rank's device and build the call arguments shared by both commands. Returns
-    `(pipe, call arguments, steps, scene)`, `scene` telling whether it is the shipped scene model."""
+    `(pipe, call arguments, steps, scene)`, `scene` telling whether it is a scene model (see [`load_pipeline`])."""
     from PIL import Image
 
     device, dtype = _device_and_dtype(args)

@@ -41,6 +41,7 @@ def main() -> None:
     teacache: dict = {}
     if args.model is None:
         from diffusers_qwen_sp.scenes import (
+            SCENE_DEFAULT_PROMPT,
             SCENE_DEFAULT_STEPS,
             SCENE_IMAGE_SIZE,
             SCENE_TEACACHE_COEFFICIENTS,
@@ -49,7 +50,7 @@ def main() -> None:
 
         pipe = load_scene_pipeline(pipeline_cls=QwenImageSPPipeline)
         size, steps = SCENE_IMAGE_SIZE, SCENE_DEFAULT_STEPS
-        prompt = "two red circles left of a blue square on a yellow background"
+        prompt = SCENE_DEFAULT_PROMPT
         teacache["coefficients"] = list(SCENE_TEACACHE_COEFFICIENTS)  # fitted for this model
     else:
         dtype = torch.bfloat16 if on_gpu else torch.float32

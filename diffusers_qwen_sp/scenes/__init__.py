@@ -24,6 +24,7 @@ from .grammar import (
     shape_centres,
 )
 from .model import (
+    SCENE_DEFAULT_PROMPT,
     SCENE_DEFAULT_STEPS,
     SCENE_IMAGE_SIZE,
     SCENE_MODEL_PATH,
@@ -41,6 +42,7 @@ __all__ = [
     "BACKGROUND_COLOURS",
     "COLOURS",
     "RELATIONS",
+    "SCENE_DEFAULT_PROMPT",
     "SCENE_DEFAULT_STEPS",
     "SCENE_IMAGE_SIZE",
     "SCENE_MODEL_PATH",

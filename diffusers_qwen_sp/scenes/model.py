@@ -29,6 +29,7 @@ from .grammar import scene_prompts
 
 
 __all__ = [
+    "SCENE_DEFAULT_PROMPT",
     "SCENE_DEFAULT_STEPS",
     "SCENE_IMAGE_SIZE",
     "SCENE_MODEL_PATH",
@@ -52,6 +53,8 @@ SCENE_TEXT_DIM = 64
 # was trained (it is also the CLI's default negative prompt).
 SCENE_DEFAULT_STEPS = 20
 SCENE_NEGATIVE_PROMPT = " "
+# What `generate` and the examples draw when no prompt is given.
+SCENE_DEFAULT_PROMPT = "two red circles left of a blue square on a yellow background"
 # TeaCache's rescaling polynomial for this model (highest power first), fitted on the shipped weights with
 # `python -m diffusers_qwen_sp calibrate-teacache` (12 prompts of the grammar x 20 steps x 2 CFG branches: 456 pairs,
 # input rel-L1 0.079 .. 0.218, RMS residual 0.085).

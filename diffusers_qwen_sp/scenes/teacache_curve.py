@@ -277,10 +277,11 @@ def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"default: {' '.join(map(str, defaults['thresholds'].default))}")
     for name in ("prompts", "steps", "world", "threads", "seed"):
         parser.add_argument(f"--{name}", type=int, default=None, help=f"default: {defaults[name].default}")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="default: 4.0")
+    parser.add_argument("--cfg-scale", type=float, default=None, help=f"default: {defaults['cfg_scale'].default}")
     parser.add_argument("--coefficients", type=float, nargs="+", default=None,
                         help="TeaCache polynomial, highest power first (default: the scene model's)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per mode (default: 1800)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help=f"seconds per mode (default: {defaults['timeout'].default:g})")
 
 
 def run_curve_command(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
