@@ -7,7 +7,8 @@
 - [`SequenceParallelAttnProcessor`]: the diffusers attention processor that runs `joint_attention` in every block
   while sequence parallelism is on.
 
-Every collective here reports its bytes to `diffusers_qwen_sp.distributed.count_communication` (for benchmarks).
+The collectives are `diffusers_qwen_sp.distributed`'s; nothing here counts or records anything, so `torch.compile`
+traces a block whole (benchmarks count bytes from outside, with `distributed.count_communication`).
 
 Layouts: tensors are `(B, S, H, D)` (batch, sequence, heads, head dim), as diffusers' attention dispatch uses. The
 LSE is `(B, H, S)` in float32 (the layout every PyTorch and flash-attn kernel returns it in, so no copy is needed).
@@ -23,25 +24,28 @@ import torch.distributed as dist
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 from diffusers.utils import logging
 
-
-from .distributed import record_communication
+from .distributed import all_to_all_dim0, drain, ring_exchange, wait_all
 
 
 if TYPE_CHECKING:
-    from .distributed import ParallelGroups
+    from .distributed import ParallelGroups, ShardBounds
 
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "ATTENTION_BACKENDS",
+    "check_attention_backend",
     "attention_with_lse",
     "joint_attention",
     "merge_attention_blocks",
     "SequenceParallelAttnProcessor",
 ]
 
-ATTENTION_BACKENDS = ("auto", "math", "cpu_flash", "flash", "efficient", "flash_attn")
+# Named as diffusers names the same kernels (`diffusers.models.attention_dispatch.AttentionBackendName`); `math` is ours.
+ATTENTION_BACKENDS = ("auto", "_native_flash", "_native_efficient", "flash", "math")
+# Names of earlier releases -> today's.
+_RENAMED_BACKENDS = {"cpu_flash": "_native_flash", "efficient": "_native_efficient", "flash_attn": "flash"}
 
 # The efficient (xformers-style) CUDA kernel wants the bias rows aligned to 16 elements.
 _MEM_EFFICIENT_ALIGNMENT = 16
@@ -52,13 +56,24 @@ _MEM_EFFICIENT_ALIGNMENT = 16
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def check_attention_backend(backend: str, owner: str = "attention backend") -> None:
+    r"""Raise a `ValueError` naming `owner` unless `backend` is one of [`ATTENTION_BACKENDS`]."""
+    if backend in ATTENTION_BACKENDS:
+        return
+    if backend in _RENAMED_BACKENDS:
+        raise ValueError(
+            f"{owner}={backend!r} is now called {_RENAMED_BACKENDS[backend]!r}, the name diffusers gives the same "
+            "kernel; pass that instead."
+        )
+    raise ValueError(f"{owner}={backend!r} is unknown; choose one of {list(ATTENTION_BACKENDS)}.")
+
+
 def _resolve_backend(backend: str, query: torch.Tensor, key_mask: torch.Tensor | None) -> str:
-    if backend not in ATTENTION_BACKENDS:
-        raise ValueError(f"Unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}.")
+    check_attention_backend(backend)
     if backend != "auto":
         return backend
     if query.device.type == "cpu":
-        return "cpu_flash"
+        return "_native_flash"
     if query.device.type == "cuda":
         head_dim = query.shape[-1]
         if (
@@ -69,8 +84,8 @@ def _resolve_backend(backend: str, query: torch.Tensor, key_mask: torch.Tensor |
             and torch.backends.cuda.is_flash_attention_available()
             and torch.cuda.get_device_capability(query.device)[0] >= 8  # flash kernels need Ampere or newer
         ):
-            return "flash"
-        return "efficient"
+            return "_native_flash"
+        return "_native_efficient"
     return "math"
 
 
@@ -119,13 +134,14 @@ def attention_with_lse(
             `-inf` (never NaN), so that merging it with other blocks is a no-op.
         scale (`float`, *optional*): softmax scale; defaults to `D ** -0.5`.
         backend (`str`, defaults to `"auto"`):
+            Named as diffusers names the same kernels:
+            - `"_native_flash"`: PyTorch's flash kernel: on CPU `aten._scaled_dot_product_flash_attention_for_cpu`
+              (takes an additive mask), on CUDA `aten._scaled_dot_product_flash_attention` (fp16/bf16, no mask).
+            - `"_native_efficient"`: CUDA `aten._scaled_dot_product_efficient_attention` (takes an additive bias).
+            - `"flash"`: the `flash-attn` package (`flash_attn_func`); fp16/bf16, no mask.
             - `"math"`: explicit float32 softmax; any device, any mask.
-            - `"cpu_flash"`: `aten._scaled_dot_product_flash_attention_for_cpu` (takes an additive mask).
-            - `"flash"`: CUDA `aten._scaled_dot_product_flash_attention`; fp16/bf16, no mask.
-            - `"efficient"`: CUDA `aten._scaled_dot_product_efficient_attention` (takes an additive bias).
-            - `"flash_attn"`: the `flash-attn` package (`flash_attn_func`); fp16/bf16, no mask.
-            - `"auto"`: `cpu_flash` on CPU; on CUDA `flash` when there is no mask and the dtype and head size allow
-              it, else `efficient`; `math` elsewhere.
+            - `"auto"`: `_native_flash` on CPU; on CUDA `_native_flash` when there is no mask and the dtype and head
+              size allow it, else `_native_efficient`; `math` elsewhere.
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: the output `(B, Sq, H, D)` in `query.dtype` and the LSE `(B, H, Sq)` in
@@ -154,23 +170,26 @@ def attention_with_lse(
         return out, lse
 
     backend = _resolve_backend(backend, query, key_mask)
-    if backend == "math":
-        out, lse = _attention_math(query, key, value, key_mask, scale)
-    elif backend == "cpu_flash":
+    if backend == "_native_flash" and query.device.type == "cpu":
         bias = None if key_mask is None else _additive_bias(key_mask, query.dtype)
         # (B, S, H, D) -> (B, H, S, D): views, the kernel takes strided inputs.
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), 0.0, False, attn_mask=bias, scale=scale
         )
         out = out.transpose(1, 2)  # (B, H, Sq, D) -> (B, Sq, H, D)
-    elif backend == "flash":
+    elif backend == "math":
+        out, lse = _attention_math(query, key, value, key_mask, scale)
+    elif backend == "_native_flash":
         if key_mask is not None:
-            raise ValueError("The `flash` backend takes no mask; use `efficient`, `math` or `auto` with a key_mask.")
+            raise ValueError(
+                "The `_native_flash` backend takes no mask on CUDA; use `_native_efficient`, `math` or `auto` with a "
+                "key_mask."
+            )
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), 0.0, False, False, scale=scale
         )[:2]
         out = out.transpose(1, 2)  # (B, H, Sq, D) -> (B, Sq, H, D)
-    elif backend == "efficient":
+    elif backend == "_native_efficient":
         bias = None
         if key_mask is not None:
             # (B, 1, 1, Sk) -> (B, H, Sq, Sk) broadcast view (stride 0), rows 16-aligned as the kernel requires.
@@ -180,16 +199,17 @@ def attention_with_lse(
         )[:2]
         out = out.transpose(1, 2)  # (B, H, Sq, D) -> (B, Sq, H, D)
         lse = lse[:, :, :seq_q]  # the kernel may pad the LSE rows to a multiple of 32
-    elif backend == "flash_attn":
+    elif backend == "flash":
         if key_mask is not None:
             raise ValueError(
-                "The `flash_attn` backend takes no mask; use `efficient`, `math` or `auto` with a key_mask."
+                "The `flash` backend (flash-attn) takes no mask; use `_native_efficient`, `math` or `auto` with a "
+                "key_mask."
             )
         try:
             from flash_attn import flash_attn_func
         except ImportError as error:
             raise ImportError(
-                "The `flash_attn` backend needs the `flash-attn` package: `pip install flash-attn`."
+                "The `flash` backend needs the `flash-attn` package: `pip install flash-attn` (or use `auto`)."
             ) from error
         out, lse, _ = flash_attn_func(
             query, key, value, dropout_p=0.0, softmax_scale=scale, causal=False, return_attn_probs=True
@@ -235,44 +255,6 @@ def merge_attention_blocks(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Collectives (synchronous c10d: asynchronous functional collectives were read before completion in diffusers' CP)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _all_to_all(tensor: torch.Tensor, group: dist.ProcessGroup, world_size: int) -> torch.Tensor:
-    """(P, ...) -> (P, ...): chunk `i` of dim 0 goes to rank `i`; chunk `j` of the result came from rank `j`."""
-    tensor = tensor.contiguous()
-    output = torch.empty_like(tensor)
-    dist.all_to_all_single(output, tensor, group=group)
-    moved = tensor.numel() * tensor.element_size() * (world_size - 1) // world_size
-    record_communication("all_to_all", moved, moved)
-    return output
-
-
-def _ring_exchange(
-    send: torch.Tensor, groups: ParallelGroups
-) -> tuple[list[dist.Work], torch.Tensor]:
-    """Start sending `send` to the next ring rank and receiving the previous one's; returns (requests, recv)."""
-    recv = torch.empty_like(send)
-    ring_ranks, ring_rank = groups.ring_ranks, groups.ring_rank
-    next_rank = ring_ranks[(ring_rank + 1) % groups.ring_degree]
-    prev_rank = ring_ranks[(ring_rank - 1) % groups.ring_degree]
-    ops = [
-        dist.P2POp(dist.isend, send, next_rank, group=groups.ring_group),
-        dist.P2POp(dist.irecv, recv, prev_rank, group=groups.ring_group),
-    ]
-    requests = dist.batch_isend_irecv(ops)
-    nbytes = send.numel() * send.element_size()
-    record_communication("p2p", nbytes, nbytes)
-    return requests, recv
-
-
-def _wait_all(requests: list[dist.Work]) -> None:
-    for request in requests:
-        request.wait()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Joint attention
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -304,7 +286,7 @@ def _ring_attention(
             next_kv = None
             if step + 1 < ring_degree:
                 # Overlap: the next block is in flight while this one is computed.
-                requests, next_kv = _ring_exchange(img_kv, groups)
+                requests, next_kv = ring_exchange(img_kv, groups)
             source = (groups.ring_rank - step) % ring_degree
             n_valid = min(max(img_valid_len - source * block_len, 0), block_len)
             key, value = img_kv[0, :, :n_valid], img_kv[1, :, :n_valid]  # (B, n_valid, h, D)
@@ -322,16 +304,12 @@ def _ring_attention(
                 else:
                     out, lse = merge_attention_blocks(out, lse, block_out, block_lse)
             if next_kv is not None:
-                _wait_all(requests)
+                wait_all(requests)
                 requests = []
                 img_kv = next_kv
     finally:
         # A pending P2P request would make the next collective hang: drain them, without hiding the real error.
-        for request in requests:
-            try:
-                request.wait()
-            except Exception:  # noqa: BLE001
-                logger.warning("A ring P2P request failed while recovering from an error.", exc_info=True)
+        drain(requests)
     if out is None:  # no key at all (no valid image token and every text token masked)
         out = query.new_zeros(query.shape, dtype=torch.float32)
     return out
@@ -437,7 +415,7 @@ def joint_attention(
                 tensor.reshape(batch, seq_local, ulysses_degree, heads_local, head_dim).permute(2, 0, 1, 3, 4)
             )
         # (U, 3, B, S/U, H/U, D) -> (U, 3, B, S/U, H/U, D); dim 0 of the result: the position chunk of each source rank
-        recv = _all_to_all(send, groups.ulysses_group, ulysses_degree)
+        recv = all_to_all_dim0(send, groups.ulysses_group)
         del send
         query = img_q.new_empty(batch, seq_txt + seq_block, heads_local, head_dim)  # (B, S_txt + S/R, H/U, D)
         query[:, :seq_txt] = txt_q[:, :, head_slice]
@@ -474,7 +452,7 @@ def joint_attention(
     # (B, S/R, H/U, D) -> (B, U, S/U, H/U, D) -> (U, B, S/U, H/U, D)
     send[:, :, seq_txt:] = out[:, seq_txt:].unflatten(1, (ulysses_degree, seq_local)).transpose(0, 1)
     # (U, B, S_txt + S/U, H/U, D) -> (U, B, S_txt + S/U, H/U, D); dim 0 of the result: the head chunk of each source
-    recv = _all_to_all(send, groups.ulysses_group, ulysses_degree)
+    recv = all_to_all_dim0(send, groups.ulysses_group)
     # (U, B, S_txt, H/U, D) -> (B, S_txt, U, H/U, D) -> (B, S_txt, H, D)
     txt_out = recv[:, :, :seq_txt].permute(1, 2, 0, 3, 4).reshape(batch, seq_txt, heads, head_dim)
     # (U, B, S/U, H/U, D) -> (B, S/U, U, H/U, D) -> (B, S/U, H, D)
@@ -496,8 +474,8 @@ class SequenceParallelAttnProcessor:
     the text padding, and runs Ulysses, Ring or both over the runtime's process groups.
 
     Args:
-        runtime (`SequenceParallelRuntime`): shared with the split and gather hooks; gives the process groups, the
-            kernel backend and the number of real image tokens of the current forward.
+        runtime (`SequenceParallelRuntime`): shared with the split and gather hooks; gives the process groups and the
+            kernel backend. The layout of the current forward's image sequence comes with each call (`image_shard`).
     """
 
     _attention_backend = None
@@ -514,7 +492,13 @@ class SequenceParallelAttnProcessor:
         encoder_hidden_states_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        image_shard: ShardBounds | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""
+        The stock processor's arguments, plus `image_shard`: where this rank's image tokens lie in the whole
+        zero-padded sequence (passed by the blocks stage when the sequence is sharded; without it the tokens are the
+        whole sequence).
+        """
         if encoder_hidden_states is None:
             raise ValueError("SequenceParallelAttnProcessor needs encoder_hidden_states (the text stream).")
         if attention_mask is not None:
@@ -523,11 +507,16 @@ class SequenceParallelAttnProcessor:
                 "let it build the joint mask, as the stock processor does."
             )
         runtime = self.runtime
-        if runtime.image_seq_len is None:
-            raise RuntimeError(
-                "Sequence-parallel attention ran without a split in this forward: call the transformer itself, whose "
-                "`image_rope_prepare` stage shards the image sequence."
-            )
+        if image_shard is None:
+            if runtime.groups.sp_world_size > 1:
+                raise RuntimeError(
+                    "Sequence-parallel attention ran without the layout of a sharded image sequence: call the "
+                    "transformer itself, whose `image_rope_prepare` stage shards the image sequence and whose blocks "
+                    "stage passes the layout on."
+                )
+            image_seq_len = hidden_states.shape[1]
+        else:
+            image_seq_len = image_shard.seq_len
         head_dim = attn.inner_dim // attn.heads
         # (B, S, H*D) -> (B, S, H, D) for the image shard and the (whole) text
         img_q = attn.to_q(hidden_states).unflatten(-1, (-1, head_dim))
@@ -559,7 +548,7 @@ class SequenceParallelAttnProcessor:
             img_k,
             img_v,
             txt_mask=encoder_hidden_states_mask,
-            img_valid_len=runtime.image_seq_len,
+            img_valid_len=image_seq_len,
             groups=runtime.groups,
             backend=runtime.config.attention_backend,
         )
@@ -572,4 +561,7 @@ class SequenceParallelAttnProcessor:
         return img_out, txt_out
 
     def __repr__(self) -> str:
-        return f"SequenceParallelAttnProcessor(groups={self.runtime.groups}, backend={self.runtime.config.attention_backend!r})"
+        return (
+            f"SequenceParallelAttnProcessor(groups={self.runtime.groups}, "
+            f"backend={self.runtime.config.attention_backend!r})"
+        )

@@ -8,7 +8,8 @@ One node, 4 GPUs:     torchrun --nproc-per-node 4 examples/edit.py --model Qwen/
 Two nodes x 8 GPUs:   torchrun --nnodes 2 --node-rank $NODE_RANK --nproc-per-node 8 --master-addr $HEAD \
                           --master-port 29500 examples/edit.py --model Qwen/Qwen-Image-Edit-2511 --image in.png \
                           --ulysses-degree 8 --ring-degree 2
-Without --model it runs the tiny offline Edit-2511 model on a generated image (random weights, CPU, seconds).
+--model and --image are required: no edit model ships with the package (the shipped scene model is text-to-image only;
+see examples/text_to_image.py).
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from diffusers_qwen_sp import QwenImageEditPlusSPPipeline, QwenImageEditSPPipeli
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="e.g. Qwen/Qwen-Image-Edit-2511; default: tiny offline model")
-    parser.add_argument("--image", action="append", default=None, help="input image (repeat for several, Plus only)")
+    parser.add_argument("--model", required=True, help="Hub id or local folder, e.g. Qwen/Qwen-Image-Edit-2511")
+    parser.add_argument("--image", action="append", required=True, help="input image (repeat for several, Plus only)")
     parser.add_argument("--prompt", default="make it winter")
     parser.add_argument("--negative-prompt", default=" ")
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ulysses-degree", type=int, default=1)
     parser.add_argument("--ring-degree", type=int, default=1)
@@ -38,21 +39,11 @@ def main() -> None:
     args = parser.parse_args()
 
     on_gpu = torch.cuda.is_available()
-    if args.model is None:
-        from diffusers_qwen_sp.testing import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline("qwen_image_edit_2511", pipeline_cls=QwenImageEditPlusSPPipeline)
-        images = [Image.new("RGB", (64, 48), (200, 40, 40))]
-        extra = dict(height=64, width=64)
-        steps = 8
-    else:
-        # Qwen-Image-Edit (first release) takes one image and its own pipeline class; 2509 / 2511 take several.
-        pipeline_cls = QwenImageEditSPPipeline if args.model.rstrip("/").endswith("Qwen-Image-Edit") else QwenImageEditPlusSPPipeline
-        pipe = pipeline_cls.from_pretrained(args.model, dtype=torch.bfloat16 if on_gpu else torch.float32)
-        if not args.image:
-            parser.error("--image is required with --model")
-        images = [Image.open(path).convert("RGB") for path in args.image]
-        extra, steps = {}, 40
+    # Qwen-Image-Edit (first release) takes one image and its own pipeline class; 2509 / 2511 take several.
+    first_edit = args.model.rstrip("/").endswith("Qwen-Image-Edit")
+    pipeline_cls = QwenImageEditSPPipeline if first_edit else QwenImageEditPlusSPPipeline
+    pipe = pipeline_cls.from_pretrained(args.model, dtype=torch.bfloat16 if on_gpu else torch.float32)
+    images = [Image.open(path).convert("RGB") for path in args.image]
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         pipe.enable_sequence_parallel(
@@ -62,24 +53,14 @@ def main() -> None:
     if args.teacache is not None:
         pipe.enable_teacache(threshold=args.teacache)
 
-    if args.model is None:
-        from diffusers_qwen_sp.testing import small_reference_images
-
-        context = small_reference_images()  # the tiny model: keep the 1024x1024 reference resize small on a CPU
-    else:
-        import contextlib
-
-        context = contextlib.nullcontext()
-    with context:
-        result = pipe(
-            image=images if len(images) > 1 else images[0],
-            prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
-            true_cfg_scale=4.0,
-            num_inference_steps=args.steps or steps,
-            generator=torch.Generator("cpu").manual_seed(args.seed),
-            **extra,
-        )
+    result = pipe(
+        image=images if len(images) > 1 else images[0],
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        true_cfg_scale=4.0,
+        num_inference_steps=args.steps,
+        generator=torch.Generator("cpu").manual_seed(args.seed),  # rank 0's noise is used everywhere anyway
+    )
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         result.images[0].save(args.output)
         print(f"wrote {args.output}")

@@ -25,7 +25,7 @@ from diffusers_qwen_sp.testing import (
     tiny_pipeline_call_kwargs,
     tiny_transformer_config,
 )
-from diffusers_qwen_sp.testing.multiprocess import run_distributed
+from diffusers_qwen_sp.distributed import run_distributed
 
 
 TOLERANCE = 1e-4

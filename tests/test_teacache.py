@@ -19,6 +19,7 @@ from diffusers_qwen_sp.hooks.teacache import (
     TEACACHE_HOOK,
     TeaCacheConfig,
     apply_teacache,
+    get_teacache_hook,
     remove_teacache,
     teacache_decision,
     teacache_indicator,
@@ -221,9 +222,10 @@ def test_skip_pattern_matches_independent_derivation(pipe):
 
 
 def test_every_stage_and_sp_hook_point_runs_on_skipped_steps(pipe):
-    # The SP split hooks live on `image_rope_prepare` / `modulate_index_prepare`, the gather on `proj_out`: a skipped
-    # step must go through them exactly like a computed one.
-    counts = {"image_rope_prepare": 0, "modulate_index_prepare": 0, "proj_out": 0, "transformer_blocks.0": 0}
+    # The SP split hooks live on `image_rope_prepare` / `modulate_index_prepare`, the gather on `image_output` after
+    # `proj_out`: a skipped step must go through them exactly like a computed one.
+    counts = {"image_rope_prepare": 0, "modulate_index_prepare": 0, "proj_out": 0, "image_output": 0,
+              "transformer_blocks.0": 0}
 
     class Count(ModelHook):
         def __init__(self, name: str) -> None:
@@ -248,7 +250,7 @@ def test_every_stage_and_sp_hook_point_runs_on_skipped_steps(pipe):
     computed = len(stats["cond"]["computed"]) + len(stats["uncond"]["computed"])
     assert computed < 2 * STEPS
     assert counts == {"image_rope_prepare": 2 * STEPS, "modulate_index_prepare": 2 * STEPS, "proj_out": 2 * STEPS,
-                      "transformer_blocks.0": computed}
+                      "image_output": 2 * STEPS, "transformer_blocks.0": computed}
 
 
 def test_stats_survive_the_end_of_call_reset_and_are_replaced(pipe):
@@ -364,7 +366,8 @@ def test_apply_remove_apply():
 
     remove_teacache(transformer)
     remove_teacache(transformer)  # idempotent
-    assert transformer._diffusers_hook.get_hook(TEACACHE_HOOK) is None
+    assert get_teacache_hook(transformer) is None
+    assert transformer.blocks_stage._diffusers_hook.get_hook(TEACACHE_HOOK) is None
     assert torch.equal(_call(transformer, "cond", **doubled), reference_doubled)  # the stock forward again
 
     apply_teacache(transformer, TeaCacheConfig(threshold=100.0))
@@ -373,12 +376,18 @@ def test_apply_remove_apply():
     assert teacache_stats(transformer)["cond"]["skipped"] == [1]
     assert torch.equal(again[0], outputs[0]) and torch.equal(again[1], outputs[1])
 
-    # A hook registered after TeaCache would be bypassed by removing TeaCache first: refused.
-    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(ModelHook(), "outer")
-    with pytest.raises(RuntimeError, match="outer"):
-        remove_teacache(transformer)
-    transformer._diffusers_hook.remove_hook("outer", recurse=False)
+    # TeaCache sits on the blocks stage: a hook registered on the root afterwards keeps running when TeaCache goes.
+    calls = []
+
+    class Outer(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    HookRegistry.check_if_exists_or_initialize(transformer).register_hook(Outer(), "outer")
     remove_teacache(transformer)
+    assert torch.equal(_call(transformer, "cond", **doubled), reference_doubled) and calls == [1]
+    transformer._diffusers_hook.remove_hook("outer", recurse=False)
 
     with pytest.raises(TypeError, match="QwenImageSPTransformer2DModel"):
         apply_teacache(torch.nn.Linear(2, 2))
@@ -388,15 +397,20 @@ def test_teacache_nests_inside_cfg_parallel():
     from diffusers_qwen_sp.distributed import ParallelGroups
     from diffusers_qwen_sp.hooks.cfg_parallel import CFG_PARALLEL_HOOK, apply_cfg_parallel, get_cfg_parallel_hook
 
-    # TeaCache never calls the forward inside it: registered outside CFG parallel it would bypass it on every call.
-    transformer = _tiny_transformer()
-    cfg_hook = apply_cfg_parallel(transformer, ParallelGroups(cfg_degree=2))  # registration needs no process group
-    apply_teacache(transformer)
-    assert transformer._diffusers_hook._hook_order == [TEACACHE_HOOK, CFG_PARALLEL_HOOK]
-    assert get_cfg_parallel_hook(transformer) is cfg_hook
-    remove_teacache(transformer)
-    assert transformer._diffusers_hook._hook_order == [CFG_PARALLEL_HOOK]
-    assert cfg_hook.fn_ref.original_forward.__self__ is transformer  # wraps the stock forward again
+    # CFG parallel on the root, TeaCache on the blocks stage: nested by construction, in either order of application.
+    for teacache_first in (False, True):
+        transformer = _tiny_transformer()
+        if teacache_first:
+            apply_teacache(transformer)
+        cfg_hook = apply_cfg_parallel(transformer, ParallelGroups(cfg_degree=2))  # needs no process group
+        if not teacache_first:
+            apply_teacache(transformer)
+        assert transformer._diffusers_hook._hook_order == [CFG_PARALLEL_HOOK]
+        assert transformer.blocks_stage._diffusers_hook._hook_order == [TEACACHE_HOOK]
+        assert get_cfg_parallel_hook(transformer) is cfg_hook
+        remove_teacache(transformer)
+        assert transformer._diffusers_hook._hook_order == [CFG_PARALLEL_HOOK]
+        assert cfg_hook.fn_ref.original_forward.__self__ is transformer  # wraps the forward itself
 
 
 # ---------------------------------------------------------------------------------------------------- zero_cond_t
@@ -412,7 +426,7 @@ def test_zero_cond_t_indicator_batch_2_by_hand():
             torch.randn(2, 20, 16, generator=generator), torch.randn(2, 5, 32, generator=generator), None,
             torch.tensor([0.9, 0.3]), img_shapes,
         )
-        indicator = teacache_indicator(transformer, inputs)
+        indicator = teacache_indicator(transformer.transformer_blocks[0], inputs)
 
         assert inputs.temb.shape == (4, 64)  # (2B, D): rows [t_0, t_1, 0, 0]
         assert inputs.modulate_index.tolist() == [[0] * 16 + [1] * 4] * 2
@@ -448,7 +462,8 @@ def test_calibration_on_the_tiny_model(pipe):
     assert math.isfinite(calibration.residual)
     line = format_coefficients(calibration)
     assert line.startswith("TeaCacheConfig(coefficients=[") and len(eval(line).coefficients) == 5
-    assert pipe.transformer._diffusers_hook.get_hook(TEACACHE_HOOK) is None  # the recording hook is gone
+    assert get_teacache_hook(pipe.transformer) is None  # the recording hooks are gone
+    assert pipe.transformer.image_output._diffusers_hook._hook_order == []
 
 
 # ---------------------------------------------------------------------------------------------------- SP + TeaCache
@@ -541,16 +556,17 @@ def _sp_teacache_worker(rank: int, world_size: int, cases: list[tuple[int, int, 
                 apply_teacache(transformer, TeaCacheConfig(threshold=SP_THRESHOLD))
             if cfg > 1:
                 get_cfg_parallel_hook(transformer).true_cfg = True  # a hand-written loop with both branches
-            order = list(transformer._diffusers_hook._hook_order)
-            assert order == ([TEACACHE_HOOK, CFG_PARALLEL_HOOK] if cfg > 1 else [TEACACHE_HOOK]), order
+            root = getattr(transformer, "_diffusers_hook", None)
+            assert (root._hook_order if root is not None else []) == ([CFG_PARALLEL_HOOK] if cfg > 1 else [])
+            assert transformer.blocks_stage._diffusers_hook._hook_order == [TEACACHE_HOOK]
             results[((ulysses, ring, cfg), variant)] = _sp_denoise(transformer, variant)
             remove_teacache(transformer)
-            assert list(transformer._diffusers_hook._hook_order) == order[1:]
+            assert get_teacache_hook(transformer) is None
     return results
 
 
 def _check_sp_teacache(world_size: int, cases: list[tuple[int, int, int]]) -> None:
-    from diffusers_qwen_sp.testing.multiprocess import run_distributed
+    from diffusers_qwen_sp.distributed import run_distributed
 
     # A rank deciding differently from the others would hang in a collective: the timeout turns that into a failure.
     per_rank = run_distributed(_sp_teacache_worker, world_size, cases, timeout=120)

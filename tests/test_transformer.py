@@ -103,15 +103,18 @@ def test_guidance_is_rejected_with_a_clear_error():
 def test_stages_expose_what_the_hooks_need():
     config = tiny_transformer_config(zero_cond_t=True)
     _, staged = _stock_and_staged(**config)
-    assert list(staged.image_rope_prepare.parameters()) == []
-    assert list(staged.modulate_index_prepare.parameters()) == []
+    for stage in ("image_rope_prepare", "modulate_index_prepare", "blocks_stage", "image_output"):
+        assert list(getattr(staged, stage).parameters()) == [], stage
     timestep, index = staged.modulate_index_prepare(torch.tensor([0.5, 0.25]), [[(1, 2, 2), (1, 1, 3)]] * 2)
     assert timestep.tolist() == [0.5, 0.25, 0.0, 0.0]
     # target 2*2 = 4 tokens at index 0, reference 1*3 = 3 tokens at index 1
     assert index.tolist() == [[0, 0, 0, 0, 1, 1, 1]] * 2
     hidden = torch.randn(2, 7, 8)
-    out, image_freqs, text_freqs = staged.image_rope_prepare(hidden, [[(1, 2, 2), (1, 1, 3)]] * 2, 5)
+    out, image_freqs, text_freqs, layout = staged.image_rope_prepare(hidden, [[(1, 2, 2), (1, 1, 3)]] * 2, 5)
     assert out is hidden and image_freqs.shape[0] == 7 and text_freqs.shape[0] == 5
+    # unsharded: one chunk of all 7 tokens, no padding
+    assert (layout.start, layout.local_len, layout.padded_len, layout.valid_len, layout.seq_len) == (0, 7, 7, 7, 7)
+    assert not layout.is_sharded
 
     plain = QwenImageSPTransformer2DModel(**tiny_transformer_config())
     timestep, index = plain.modulate_index_prepare(torch.tensor([0.5]), [[(1, 2, 2)]])

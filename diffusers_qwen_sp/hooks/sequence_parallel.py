@@ -1,9 +1,11 @@
 """Sequence parallelism as diffusers `ModelHook`s: split the image sequence at the preparation stages, gather it at
-`proj_out`, and run every block's joint attention across ranks (Ulysses, Ring or both).
+`image_output`, and run every block's joint attention across ranks (Ulysses, Ring or both).
 
-The plan is data (`QWEN_IMAGE_SP_PLAN`), applied by one function (`apply_sequence_parallel`). The image sequence is
-zero-padded to a multiple of the SP world size and split into equal chunks; the attention masks the padding and the
-gather cuts it off, so any image token count works. Text tokens stay whole on every rank.
+The plan is data (the model class's `_sp_plan`, see `diffusers_qwen_sp.models.sp_plan`), applied by one function
+(`apply_sequence_parallel`). The image sequence is zero-padded to a multiple of the SP world size and split into equal
+chunks; the layout ([`~diffusers_qwen_sp.distributed.ShardBounds`]) travels with the forward from the split to the
+attention (which masks the padding), TeaCache and the gather (which cuts it off), so any image token count works.
+Text tokens stay whole on every rank.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import logging
 
-from ..attention import ATTENTION_BACKENDS, SequenceParallelAttnProcessor
-from ..distributed import ParallelGroups, all_gather_dim0, init_distributed
+from ..attention import SequenceParallelAttnProcessor, check_attention_backend
+from ..distributed import ParallelGroups, all_gather_dim0, init_distributed, sp_shard_bounds, take_shard
+from ..models.sp_plan import GatherInput, ShardBoundsOutput, SplitOutput, SPPlan
 
 
 logger = logging.get_logger(__name__)
@@ -45,7 +47,9 @@ class SequenceParallelConfig:
         cfg_degree (`int`, defaults to `1`):
             1, or 2 to run the conditional and unconditional branches of true CFG on separate halves of the ranks.
         attention_backend (`str`, defaults to `"auto"`):
-            The per-block kernel: one of `"auto"`, `"math"`, `"cpu_flash"`, `"flash"`, `"efficient"`, `"flash_attn"`.
+            The per-block kernel, named as in diffusers: `"auto"`, `"_native_flash"` (PyTorch's flash kernel, CPU or
+            CUDA), `"_native_efficient"` (PyTorch's memory-efficient CUDA kernel), `"flash"` (the flash-attn package),
+            or `"math"` (explicit float32 softmax, any device).
         timeout (`float`, defaults to `600.0`):
             Collective timeout in seconds used when this package initialises torch.distributed: a dead rank ends the
             others with an error after this long instead of a hang.
@@ -64,11 +68,7 @@ class SequenceParallelConfig:
                 raise ValueError(f"SequenceParallelConfig.{name} must be a positive integer, got {value!r}.")
         if self.cfg_degree not in (1, 2):
             raise ValueError(f"SequenceParallelConfig.cfg_degree must be 1 or 2 (two CFG branches), got {self.cfg_degree}.")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(
-                f"SequenceParallelConfig.attention_backend={self.attention_backend!r} is unknown; choose one of "
-                f"{list(ATTENTION_BACKENDS)}."
-            )
+        check_attention_backend(self.attention_backend, owner="SequenceParallelConfig.attention_backend")
         if not self.timeout > 0:
             raise ValueError(f"SequenceParallelConfig.timeout must be positive (seconds), got {self.timeout!r}.")
 
@@ -83,126 +83,90 @@ class SequenceParallelConfig:
         return self.cfg_degree * self.sp_degree
 
 
-# ---------------------------------------------------------------------------------------------------- the plan
-
-
-@dataclass(frozen=True)
-class SplitOutput:
-    r"""Split output `index` of a stage along `dim` (the image sequence), zero-padding it to a multiple of the SP world."""
-
-    index: int
-    dim: int
-
-
-@dataclass(frozen=True)
-class GatherOutput:
-    r"""All-gather a module's output along `dim` over the SP group and cut the padding off."""
-
-    dim: int
-
-
-# Which tensor is split or gathered where. Keys are submodule paths of the transformer (`*` matches every item of a
-# ModuleList); a key that matches no submodule is an error.
-QWEN_IMAGE_SP_PLAN: dict[str, tuple[SplitOutput, ...] | GatherOutput] = {
-    # (timestep, modulate_index (B, S_img)): the per-token modulation index goes with its image token.
-    "modulate_index_prepare": (SplitOutput(index=1, dim=1),),
-    # (hidden_states (B, S_img, D), image_freqs (S_img, R), text_freqs (S_txt, R)): text stays whole.
-    "image_rope_prepare": (SplitOutput(index=0, dim=1), SplitOutput(index=1, dim=0)),
-    # (B, S_img/P, p*p*C) -> (B, S_img, p*p*C)
-    "proj_out": GatherOutput(dim=1),
-}
+# ---------------------------------------------------------------------------------------------------- the hooks
 
 
 @dataclass
 class SequenceParallelRuntime:
-    r"""What the hooks and attention processors of one transformer share while SP is on."""
+    r"""What the hooks and attention processors of one transformer share while SP is on (fixed while it is on)."""
 
     config: SequenceParallelConfig
     groups: ParallelGroups
-    # Real image tokens of the current forward, recorded by the split; the attention masks the padding after it.
-    image_seq_len: int | None = None
+    plan: SPPlan
     original_processors: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def world_size(self) -> int:
+    def sp_world_size(self) -> int:
+        """Ranks sharing one image sequence (`ulysses_degree * ring_degree`)."""
         return self.groups.sp_world_size
 
     @property
-    def rank(self) -> int:
+    def sp_rank(self) -> int:
+        """This rank's index in the SP group: the chunk of the sequence it holds."""
         return self.groups.sp_rank
-
-
-def _split_along(tensor: torch.Tensor, dim: int, runtime: SequenceParallelRuntime) -> torch.Tensor:
-    world, rank = runtime.world_size, runtime.rank
-    length = tensor.shape[dim]
-    runtime.image_seq_len = length
-    if world == 1:  # CFG parallel alone: nothing to shard
-        return tensor
-    local = -(-length // world)  # ceil(S / P)
-    padding = local * world - length
-    if padding:
-        pad_shape = list(tensor.shape)
-        pad_shape[dim] = padding
-        # (.., S, ..) -> (.., P * ceil(S/P), ..): zero tokens at the end, masked in attention, cut by the gather
-        tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
-    # (.., P * S_local, ..) -> (.., S_local, ..): chunk `rank`
-    return tensor.narrow(dim, rank * local, local).contiguous()
 
 
 class SequenceSplitHook(ModelHook):
     r"""Splits chosen outputs of a preparation stage along the image sequence and keeps this rank's chunk."""
 
-    def __init__(self, runtime: SequenceParallelRuntime, splits: tuple[SplitOutput, ...]) -> None:
+    def __init__(self, runtime: SequenceParallelRuntime, entries: tuple[SplitOutput | ShardBoundsOutput, ...]) -> None:
         super().__init__()
         self.runtime = runtime
-        self.splits = splits
+        self.splits = tuple(entry for entry in entries if isinstance(entry, SplitOutput))
+        self.bounds_outputs = tuple(entry for entry in entries if isinstance(entry, ShardBoundsOutput))
 
     def post_forward(self, module: nn.Module, output: Any) -> Any:
         output = list(output)
+        bounds = None
         for split in self.splits:
-            if output[split.index] is not None:
-                output[split.index] = _split_along(output[split.index], split.dim, self.runtime)
+            tensor = output[split.index]
+            if tensor is None:
+                continue
+            if bounds is None:
+                bounds = sp_shard_bounds(tensor.shape[split.dim], self.runtime.sp_world_size, self.runtime.sp_rank)
+            # (.., S, ..) -> (.., ceil(S/P), ..): this rank's chunk of the zero-padded sequence
+            output[split.index] = take_shard(tensor, split.dim, bounds)
+        for entry in self.bounds_outputs:
+            if bounds is None:
+                raise RuntimeError(f"{type(module).__name__} yielded no tensor to split, so it has no layout to report.")
+            output[entry.index] = bounds
         return tuple(output)
 
     def __repr__(self) -> str:
-        return f"SequenceSplitHook(splits={self.splits}, sp_world_size={self.runtime.world_size})"
+        return (
+            f"SequenceSplitHook(splits={self.splits}, bounds_outputs={self.bounds_outputs}, "
+            f"sp_world_size={self.runtime.sp_world_size})"
+        )
 
 
 class SequenceGatherHook(ModelHook):
-    r"""All-gathers a module's output along the image sequence over the SP group and removes the padding."""
+    r"""All-gathers a stage's input along the image sequence over the SP group and removes the padding."""
 
-    def __init__(self, runtime: SequenceParallelRuntime, gather: GatherOutput) -> None:
+    def __init__(self, runtime: SequenceParallelRuntime, gather: GatherInput) -> None:
         super().__init__()
         self.runtime = runtime
         self.gather = gather
 
-    def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
-        runtime = self.runtime
-        if runtime.image_seq_len is None:
-            raise RuntimeError(
-                "The SP gather ran without a split in the same forward: the image sequence was not sharded. Call the "
-                "transformer (or its preprocess) normally; do not embed the image outside `image_rope_prepare`."
-            )
-        dim = self.gather.dim
-        world = runtime.world_size
-        if world == 1:
-            runtime.image_seq_len = None
-            return output
-        local = output.movedim(dim, 0)  # (.., S/P, ..) -> (S/P, ..)
-        # (S/P, ..) on each rank -> (P * S/P, ..): chunks in SP-rank order, the order they were split in
-        gathered = all_gather_dim0(local, runtime.groups.sp_group, world)
-        gathered = gathered[: runtime.image_seq_len]  # drop the padding
-        runtime.image_seq_len = None
-        return gathered.movedim(0, dim)
+    def pre_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        args = list(args)
+        local, bounds = args[self.gather.index], args[self.gather.bounds_index]
+        if bounds.is_sharded:
+            dim = self.gather.dim
+            # (.., S/P, ..) on each rank -> (P * S/P, ..): chunks in SP-rank order, the order they were split in
+            gathered = all_gather_dim0(local.movedim(dim, 0), self.runtime.groups.sp_group, self.runtime.sp_world_size)
+            args[self.gather.index] = gathered[: bounds.seq_len].movedim(0, dim)  # drop the padding
+            args[self.gather.bounds_index] = sp_shard_bounds(bounds.seq_len, world_size=1, rank=0)
+        return tuple(args), kwargs
 
     def __repr__(self) -> str:
-        return f"SequenceGatherHook(dim={self.gather.dim}, sp_world_size={self.runtime.world_size})"
+        return f"SequenceGatherHook(gather={self.gather}, sp_world_size={self.runtime.sp_world_size})"
 
 
 # ---------------------------------------------------------------------------------------------------- apply / remove
 
 
 def _resolve(root: nn.Module, path: str) -> list[nn.Module]:
+    """The submodules a plan key names (`*` matches every child); raises when it names none."""
     modules = [root]
     for part in path.split("."):
         next_modules = []
@@ -215,33 +179,38 @@ def _resolve(root: nn.Module, path: str) -> list[nn.Module]:
     if not modules:
         raise ValueError(
             f"The SP plan names `{path}`, which is no submodule of {type(root).__name__}. Sequence parallelism needs "
-            "the staged transformer: use diffusers_qwen_sp.QwenImageSPTransformer2DModel (or one of our pipelines)."
+            "the staged transformer (diffusers_qwen_sp.QwenImageSPTransformer2DModel or one of our pipelines) and a "
+            "plan whose keys are its submodules."
         )
     return modules
 
 
 def get_sequence_parallel_runtime(transformer: nn.Module) -> SequenceParallelRuntime | None:
     r"""The runtime of the sequence parallelism applied to `transformer`, or `None` when it is off."""
-    registry = getattr(transformer.proj_out, "_diffusers_hook", None) if hasattr(transformer, "proj_out") else None
-    hook = registry.get_hook(SP_GATHER_HOOK) if registry is not None else None
-    return hook.runtime if hook is not None else None
+    return getattr(transformer, "_sp_runtime", None)
 
 
 def apply_sequence_parallel(
-    transformer: nn.Module, config: SequenceParallelConfig | None = None, groups: ParallelGroups | None = None
+    transformer: nn.Module,
+    config: SequenceParallelConfig | None = None,
+    groups: ParallelGroups | None = None,
+    plan: SPPlan | None = None,
 ) -> SequenceParallelRuntime:
     r"""
     Shard the transformer's image sequence across processes.
 
-    Registers the split hooks on `modulate_index_prepare` and `image_rope_prepare`, the gather hook on `proj_out`, and
-    a sequence-parallel attention processor on every block. Initialises torch.distributed from the launcher's
-    environment (torchrun, accelerate launch) when needed.
+    Walks the plan (default: the model class's `_sp_plan`): split hooks on the stages whose outputs are split
+    (`modulate_index_prepare`, `image_rope_prepare`), the gather hook on the stage whose input is gathered
+    (`image_output`); then sets a sequence-parallel attention processor on every block. Initialises torch.distributed
+    from the launcher's environment (torchrun, accelerate launch) when needed.
 
     Args:
         transformer ([`QwenImageSPTransformer2DModel`]): the staged transformer.
         config ([`SequenceParallelConfig`], *optional*): degrees and attention backend; default: Ulysses over all ranks.
         groups ([`~diffusers_qwen_sp.distributed.ParallelGroups`], *optional*): prebuilt process groups (e.g. shared
             with CFG parallel); built from `config` when omitted.
+        plan (`dict`, *optional*): another plan (see `diffusers_qwen_sp.models.sp_plan`); default
+            `type(transformer)._sp_plan`.
 
     Returns:
         `SequenceParallelRuntime`: the state the hooks share (process groups, config).
@@ -286,11 +255,21 @@ def apply_sequence_parallel(
             "and make up the rest of the processes with ring_degree."
         )
 
-    runtime = SequenceParallelRuntime(config=config, groups=groups)
-    for path, entry in QWEN_IMAGE_SP_PLAN.items():
-        for module in _resolve(transformer, path):
+    if plan is None:
+        plan = getattr(type(transformer), "_sp_plan", None)
+        if plan is None:
+            raise ValueError(
+                f"{type(transformer).__name__} has no `_sp_plan`; pass `plan=` or use "
+                "diffusers_qwen_sp.QwenImageSPTransformer2DModel (QwenImageSPTransformer2DModel.from_transformer "
+                "converts a stock one)."
+            )
+    resolved = {path: _resolve(transformer, path) for path in plan}  # every key checked before anything is hooked
+
+    runtime = SequenceParallelRuntime(config=config, groups=groups, plan=dict(plan))
+    for path, entry in plan.items():
+        for module in resolved[path]:
             registry = HookRegistry.check_if_exists_or_initialize(module)
-            if isinstance(entry, GatherOutput):
+            if isinstance(entry, GatherInput):
                 registry.register_hook(SequenceGatherHook(runtime, entry), SP_GATHER_HOOK)
             else:
                 registry.register_hook(SequenceSplitHook(runtime, entry), SP_SPLIT_HOOK)
@@ -298,6 +277,7 @@ def apply_sequence_parallel(
 
     runtime.original_processors = dict(transformer.attn_processors)
     transformer.set_attn_processor(SequenceParallelAttnProcessor(runtime))
+    transformer._sp_runtime = runtime
     logger.info(f"Sequence parallelism on: {groups}")
     return runtime
 
@@ -307,10 +287,11 @@ def remove_sequence_parallel(transformer: nn.Module) -> None:
     runtime = get_sequence_parallel_runtime(transformer)
     if runtime is None:
         return
-    for path, entry in QWEN_IMAGE_SP_PLAN.items():
-        name = SP_GATHER_HOOK if isinstance(entry, GatherOutput) else SP_SPLIT_HOOK
+    for path, entry in runtime.plan.items():
+        name = SP_GATHER_HOOK if isinstance(entry, GatherInput) else SP_SPLIT_HOOK
         for module in _resolve(transformer, path):
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
     transformer.set_attn_processor(runtime.original_processors)
+    transformer._sp_runtime = None
 

@@ -5,10 +5,12 @@ from one denoising step to the next (relative L1 distance), maps that through a 
 estimate of how much the transformer output changes, and accumulates the estimates. While the accumulated change stays
 below a threshold, the blocks are skipped and the residual they added at the last computed step is reused.
 
-One stateful diffusers `ModelHook` ([`TeaCacheHook`]) replaces the transformer root's forward. It calls the
-transformer's own `preprocess`, `run_blocks` and `postprocess`, so the sequence-parallel split hooks on the preparation
-stages and the gather on `proj_out` fire on every step, cached or not. Its state lives in a diffusers `StateManager`
-keyed by cache context (`"cond"`, `"uncond"`), so the two CFG branches never share an indicator or a residual.
+One stateful diffusers `ModelHook` ([`TeaCacheHook`]) sits on the transformer's parameter-free `blocks_stage`. It
+receives the block inputs exactly as `preprocess` produced them, already sharded by the sequence-parallel hooks on the
+preparation stages, and either runs the blocks or adds the cached residuals: it never embeds, splits or gathers
+anything itself, and holds no copy of the forward. CFG parallel on the transformer root wraps it by construction. Its
+state lives in a diffusers `StateManager` keyed by cache context (`"cond"`, `"uncond"`), so the two CFG branches never
+share an indicator or a residual.
 
 Under sequence parallelism each rank holds a chunk of the image sequence. The decision is made from the L1 sums of
 the real (non-padding) tokens of every rank, all-reduced over the SP group, so all ranks of one image take the same
@@ -19,35 +21,39 @@ waiting in a collective forever.
 from __future__ import annotations
 
 import copy
-import inspect
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from diffusers.utils import apply_lora_scale, logging
+from diffusers.utils import logging
 
-from ..distributed import record_communication
-from .cfg_parallel import CFG_PARALLEL_HOOK
 from .sequence_parallel import get_sequence_parallel_runtime
+
+
+if TYPE_CHECKING:
+    from ..models import QwenImageBlockInputs
 
 
 logger = logging.get_logger(__name__)
 
 TEACACHE_HOOK = "diffusers_qwen_sp.teacache"
+# Calibration only: records the transformer output's change per step on `image_output`.
+TEACACHE_OUTPUT_HOOK = "diffusers_qwen_sp.teacache_output"
 
 # Rescaling polynomial of Qwen-Image, highest power first (`numpy.poly1d` order). Fitted by the ComfyUI-TeaCache
 # contributors on Qwen-Image (input rel-L1 of block 0's modulated input -> output rel-L1); not refitted here. The
 # polynomial is negative below rel ~0.0069 and above ~0.426, which is why the absolute value is used.
 QWEN_IMAGE_TEACACHE_COEFFICIENTS: tuple[float, ...] = (-4.5e2, 2.8e2, -4.5e1, 3.2, -2e-2)
 
-# Methods a transformer must have for the hook to drive it (see `QwenImageSPTransformer2DModel`).
-_STAGED_METHODS = ("preprocess", "run_blocks", "postprocess")
+# The stages a transformer must have for TeaCache (see `QwenImageSPTransformer2DModel`).
+_BLOCKS_STAGE = "blocks_stage"
+_OUTPUT_STAGE = "image_output"
 
 
 @dataclass
@@ -119,22 +125,21 @@ class TeaCacheConfig:
 # ---------------------------------------------------------------------------------------------------- indicator
 
 
-def teacache_indicator(transformer: nn.Module, inputs: Any) -> torch.Tensor:
+def teacache_indicator(block: nn.Module, inputs: QwenImageBlockInputs) -> torch.Tensor:
     r"""
-    The TeaCache indicator: block 0's modulated image input, computed with the block's own modules and `_modulate`.
+    The TeaCache indicator: the first block's modulated image input, computed with the block's own modules.
 
     `img_norm1(hidden_states) * (1 + scale) + shift`, with shift and scale from the attention half of
     `img_mod(temb)`. For `zero_cond_t` models `temb` has `2B` rows (`[t, 0]`) and each token takes its modulation by
     `inputs.modulate_index` (0: the generated target at t, 1: reference images at t = 0).
 
     Args:
-        transformer ([`QwenImageSPTransformer2DModel`]): the staged transformer.
+        block (`QwenImageTransformerBlock`): the first transformer block (`transformer.transformer_blocks[0]`).
         inputs ([`QwenImageBlockInputs`]): the result of `transformer.preprocess(...)`.
 
     Returns:
         `torch.Tensor` of shape `(B, S_img, D)` (this rank's chunk under sequence parallelism).
     """
-    block = transformer.transformer_blocks[0]
     # (B or 2B, D) -> (B or 2B, 6D) -> first half (B or 2B, 3D): shift, scale, gate of the attention input
     img_mod1 = block.img_mod(inputs.temb).chunk(2, dim=-1)[0]
     modulated, _ = block._modulate(block.img_norm1(inputs.hidden_states), img_mod1, inputs.modulate_index)
@@ -215,7 +220,6 @@ def teacache_decision(
     if group is not None:
         # (2,) partial sums of every rank -> (2,) totals of the whole image sequence, identical on all ranks
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        record_communication("all_reduce", sums.numel() * sums.element_size(), sums.numel() * sums.element_size())
     difference, norm = sums.tolist()
     if norm > 0:
         rel_l1 = difference / norm
@@ -243,6 +247,7 @@ class TeaCacheState(BaseState):
         image_residual, text_residual (`torch.Tensor`, *optional*): what the blocks added to each stream at the last
             computed step (this rank's chunk of the image stream under SP).
         calls (`int`): transformer calls in this context since the last reset.
+        step (`int`): the step index of the latest call.
         input_key (`tuple`, *optional*): shapes, dtype and device of the inputs the state was built from.
         computed, skipped (`list[int]`): step indices computed and skipped.
         rel_l1 (`dict[int, float]`): step index -> the indicator's relative L1 change (from the second step on).
@@ -259,6 +264,7 @@ class TeaCacheState(BaseState):
         self.image_residual: torch.Tensor | None = None
         self.text_residual: torch.Tensor | None = None
         self.calls = 0
+        self.step = 0
         self.input_key: tuple | None = None
         self.computed: list[int] = []
         self.skipped: list[int] = []
@@ -277,17 +283,14 @@ class TeaCacheState(BaseState):
         return stats
 
 
-def _input_key(hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, img_shapes: Any) -> tuple:
-    def normalize(value: Any) -> Any:
-        if isinstance(value, (list, tuple)):
-            return tuple(normalize(item) for item in value)
-        return int(value) if isinstance(value, (int, torch.Tensor)) else value
-
-    # The global (unsharded) shapes: two image sizes can give the same chunk length under SP.
+def _input_key(inputs: QwenImageBlockInputs) -> tuple:
+    # The whole (unsharded) sequence length: two image sizes can give the same chunk length under SP.
+    hidden_states = inputs.hidden_states
     return (
-        tuple(hidden_states.shape),
-        tuple(encoder_hidden_states.shape),
-        normalize(img_shapes),
+        hidden_states.shape[0],
+        inputs.image_shard.seq_len,
+        hidden_states.shape[2],
+        tuple(inputs.encoder_hidden_states.shape),
         hidden_states.dtype,
         hidden_states.device,
     )
@@ -300,38 +303,30 @@ def _relative_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     return difference / norm if norm > 0 else (0.0 if difference == 0 else math.inf)
 
 
-@apply_lora_scale("attention_kwargs")
-def _lora_scaled_forward(transformer: nn.Module, hook: "TeaCacheHook", **arguments: Any) -> Any:
-    # The stock forward scales LoRA layers by `attention_kwargs["scale"]`: the cached forward must do the same.
-    return hook._cached_forward(transformer, **arguments)
-
-
 class TeaCacheHook(ModelHook):
     r"""
-    The TeaCache `ModelHook` on the transformer root. Register it with [`apply_teacache`].
+    The TeaCache `ModelHook` on the transformer's `blocks_stage`. Register it with [`apply_teacache`].
 
     Args:
         config ([`TeaCacheConfig`]): threshold and coefficients.
+        transformer (`nn.Module`): the transformer whose blocks stage it hooks (weakly referenced), for its
+            sequence-parallel group.
         record_outputs (`bool`, defaults to `False`):
-            Also record the relative L1 change of the transformer output per step (for calibration; keeps the
-            previous output in memory).
+            Also keep the relative L1 change of the transformer output per step, recorded by a
+            [`TeaCacheOutputRecorder`] on `image_output` (for calibration; keeps the previous output in memory).
     """
 
     _is_stateful = True
 
-    def __init__(self, config: TeaCacheConfig, record_outputs: bool = False) -> None:
+    def __init__(self, config: TeaCacheConfig, transformer: nn.Module, record_outputs: bool = False) -> None:
         super().__init__()
         self.config = config
         self.record_outputs = record_outputs
         self.state_manager = StateManager(TeaCacheState)
+        self._transformer = weakref.ref(transformer)
         # The states the StateManager handed out since the last reset, by context name: a view for `stats()`.
         self._live_states: dict[str, TeaCacheState] = {}
         self._last_stats: dict[str, dict[str, Any]] = {}
-        self._signature: inspect.Signature | None = None
-
-    def initialize_hook(self, module: nn.Module) -> nn.Module:
-        self._signature = inspect.signature(type(module).forward)
-        return module
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         # diffusers resets stateful hooks at the end of every pipeline call: keep that call's stats readable.
@@ -346,13 +341,6 @@ class TeaCacheHook(ModelHook):
         if not self._live_states:
             return copy.deepcopy(self._last_stats)
         return {name: state.stats(self.record_outputs) for name, state in self._live_states.items()}
-
-    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        bound = self._signature.bind(module, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        arguments.pop(next(iter(self._signature.parameters)))  # `self`
-        return _lora_scaled_forward(module, self, **arguments)
 
     def _branch_state(self, key: tuple) -> tuple[TeaCacheState, int, int | None]:
         try:
@@ -383,45 +371,22 @@ class TeaCacheHook(ModelHook):
             step = context.step_index if context.step_index is not None else 0
         state.input_key = key
         state.calls += 1
+        state.step = step
         return state, step, num_steps
 
-    def _cached_forward(
-        self,
-        module: nn.Module,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        encoder_hidden_states_mask: torch.Tensor | None,
-        timestep: torch.Tensor,
-        img_shapes: list,
-        guidance: torch.Tensor | None,
-        attention_kwargs: dict[str, Any] | None,
-        controlnet_block_samples: list[torch.Tensor] | None,
-        additional_t_cond: torch.Tensor | None,
-        return_dict: bool,
-    ) -> torch.Tensor | tuple[torch.Tensor] | Transformer2DModelOutput:
-        state, step, num_steps = self._branch_state(_input_key(hidden_states, encoder_hidden_states, img_shapes))
-
-        inputs = module.preprocess(
-            hidden_states,
-            encoder_hidden_states,
-            encoder_hidden_states_mask,
-            timestep,
-            img_shapes,
-            guidance=guidance,
-            additional_t_cond=additional_t_cond,
-            attention_kwargs=attention_kwargs,
-        )
+    def new_forward(
+        self, module: nn.Module, inputs: QwenImageBlockInputs, controlnet_block_samples: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        state, step, num_steps = self._branch_state(_input_key(inputs))
 
         # Under SP `inputs.hidden_states` is this rank's chunk of the zero-padded image sequence.
-        runtime = get_sequence_parallel_runtime(module)
         valid_tokens, group = None, None
-        if runtime is not None:
-            local = inputs.hidden_states.shape[1]
-            valid_tokens = max(0, min(local, runtime.image_seq_len - runtime.rank * local))
-            group = runtime.groups.sp_group
+        if inputs.image_shard.is_sharded:
+            runtime = get_sequence_parallel_runtime(self._transformer())
+            valid_tokens, group = inputs.image_shard.valid_len, runtime.groups.sp_group
 
         with torch.no_grad():
-            indicator = teacache_indicator(module, inputs)
+            indicator = teacache_indicator(module.blocks[0], inputs)
             force = step == 0 or (num_steps is not None and step == num_steps - 1)
             decision = teacache_decision(
                 indicator,
@@ -439,7 +404,7 @@ class TeaCacheHook(ModelHook):
             state.rel_l1[step] = decision.rel_l1
 
         if decision.compute:
-            encoder_out, hidden_out = module.run_blocks(inputs, controlnet_block_samples)
+            encoder_out, hidden_out = self.fn_ref.original_forward(inputs, controlnet_block_samples)
             if self.config.threshold > 0:  # with threshold 0 nothing is ever skipped: keep no residuals
                 state.image_residual = (hidden_out - inputs.hidden_states).detach()
                 state.text_residual = (encoder_out - inputs.encoder_hidden_states).detach()
@@ -453,16 +418,7 @@ class TeaCacheHook(ModelHook):
             f"TeaCache step {step}: rel_l1={decision.rel_l1}, accumulated={decision.accumulated:.4f} -> "
             f"{'compute' if decision.compute else 'skip'}"
         )
-
-        output = module.postprocess(hidden_out, inputs.temb)
-        if self.record_outputs:
-            if state.previous_output is not None:
-                state.output_rel_l1[step] = _relative_l1(output, state.previous_output)
-            state.previous_output = output.detach()
-
-        if not return_dict:
-            return (output,)
-        return Transformer2DModelOutput(sample=output)
+        return encoder_out, hidden_out
 
     def __repr__(self) -> str:
         return (
@@ -471,56 +427,75 @@ class TeaCacheHook(ModelHook):
         )
 
 
+class TeaCacheOutputRecorder(ModelHook):
+    r"""
+    Records, into the [`TeaCacheHook`]'s state of the running branch, how much the transformer output changed since
+    the branch's previous step. Sits on `image_output` (after the sequence-parallel gather) while calibrating.
+    """
+
+    def __init__(self, teacache: TeaCacheHook) -> None:
+        super().__init__()
+        self.teacache = teacache
+
+    def post_forward(self, module: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        state = self.teacache.state_manager.get_state()
+        if state.previous_output is not None:
+            state.output_rel_l1[state.step] = _relative_l1(output, state.previous_output)
+        state.previous_output = output.detach()
+        return output
+
+
 # ---------------------------------------------------------------------------------------------------- apply / remove
 
 
-def _get_hook(transformer: nn.Module) -> TeaCacheHook | None:
-    registry = getattr(transformer, "_diffusers_hook", None)
+def _stage(transformer: nn.Module, name: str) -> nn.Module:
+    stage = getattr(transformer, name, None)
+    if not isinstance(stage, nn.Module):
+        raise TypeError(
+            f"TeaCache hooks the staged transformer's `{name}`, which {type(transformer).__name__} does not have. Use "
+            "diffusers_qwen_sp.QwenImageSPTransformer2DModel (QwenImageSPTransformer2DModel.from_transformer("
+            "transformer) converts a stock one) or one of our pipelines."
+        )
+    return stage
+
+
+def get_teacache_hook(transformer: nn.Module) -> TeaCacheHook | None:
+    r"""The [`TeaCacheHook`] applied to `transformer`, or `None`."""
+    registry = getattr(getattr(transformer, _BLOCKS_STAGE, None), "_diffusers_hook", None)
     return registry.get_hook(TEACACHE_HOOK) if registry is not None else None
 
 
-def _register_teacache_hook(transformer: nn.Module, hook: TeaCacheHook) -> TeaCacheHook:
-    missing = [name for name in _STAGED_METHODS if not callable(getattr(transformer, name, None))]
-    if missing or not hasattr(transformer, "transformer_blocks"):
-        raise TypeError(
-            f"TeaCache drives the staged transformer, but {type(transformer).__name__} has no "
-            f"{', '.join(missing) or 'transformer_blocks'}. Use diffusers_qwen_sp.QwenImageSPTransformer2DModel "
-            "(QwenImageSPTransformer2DModel.from_transformer(transformer) converts a stock one) or one of our pipelines."
-        )
-    if _get_hook(transformer) is not None:
+def _apply_teacache(transformer: nn.Module, config: TeaCacheConfig, record_outputs: bool = False) -> TeaCacheHook:
+    blocks_stage = _stage(transformer, _BLOCKS_STAGE)
+    output_stage = _stage(transformer, _OUTPUT_STAGE)
+    if get_teacache_hook(transformer) is not None:
         raise RuntimeError("TeaCache is already applied to this transformer; call remove_teacache(transformer) first.")
-    if getattr(transformer, "_hf_hook", None) is not None:
-        logger.warning(
-            "The transformer carries an accelerate hook (e.g. enable_model_cpu_offload) applied before TeaCache; "
-            "TeaCache calls the transformer's stages directly and bypasses it. Apply TeaCache first, then offload."
+    if getattr(transformer, "_cache_config", None) is not None:
+        raise ValueError(
+            f"Caching has already been enabled with {type(transformer._cache_config).__name__}; TeaCache does not "
+            "stack with another cache. Call transformer.disable_cache() first."
         )
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    # TeaCache never calls the forward inside it, so a hook that must wrap every call (CFG parallel: which rank
-    # computes which branch) has to stay outside it: take it off, register TeaCache, put it back on top.
-    order = list(registry._hook_order)
-    outer = registry.get_hook(CFG_PARALLEL_HOOK)
-    if outer is not None and order[-1] != CFG_PARALLEL_HOOK:
-        raise RuntimeError(
-            f"CFG parallel must be the outermost hook on the transformer, but {order[order.index(CFG_PARALLEL_HOOK) + 1:]} "
-            "were registered after it. Remove them before applying TeaCache."
+    hook = TeaCacheHook(config, transformer, record_outputs=record_outputs)
+    HookRegistry.check_if_exists_or_initialize(blocks_stage).register_hook(hook, TEACACHE_HOOK)
+    if record_outputs:
+        HookRegistry.check_if_exists_or_initialize(output_stage).register_hook(
+            TeaCacheOutputRecorder(hook), TEACACHE_OUTPUT_HOOK
         )
-    if outer is not None:
-        registry.remove_hook(CFG_PARALLEL_HOOK, recurse=False)
-    registry.register_hook(hook, TEACACHE_HOOK)
-    if outer is not None:
-        registry.register_hook(outer, CFG_PARALLEL_HOOK)
+    # The cache context reaches stateful hooks through the root's (cached) list of child registries.
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    transformer._cache_config = config  # what diffusers' enable_cache / disable_cache / is_cache_enabled read
     return hook
 
 
 def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | None = None) -> TeaCacheHook:
     r"""
-    Apply TeaCache to a staged Qwen-Image transformer.
+    Apply TeaCache to a staged Qwen-Image transformer (also `transformer.enable_cache(TeaCacheConfig(...))`).
 
-    Registers one stateful [`TeaCacheHook`] on the transformer root. Inside our pipelines (and any pipeline that wraps
-    its transformer calls in `transformer.cache_context(...)`), each CFG branch keeps its own state, the first and
-    last steps are always computed, and the state is reset at the end of every call. Composes with sequence
-    parallelism in either order of application; with CFG parallel, TeaCache is nested inside the CFG-parallel hook
-    (which stays outermost), so each branch's state lives on the ranks that compute that branch.
+    Registers one stateful [`TeaCacheHook`] on the transformer's `blocks_stage`. Inside our pipelines (and any
+    pipeline that wraps its transformer calls in `transformer.cache_context(...)`), each CFG branch keeps its own
+    state, the first and last steps are always computed, and the state is reset at the end of every call. Composes
+    with sequence and CFG parallelism in any order of application: the SP hooks sit on the preparation stages before
+    it, CFG parallel on the root around it. Refuses to stack with another cache (`transformer.enable_cache`).
 
     Args:
         transformer ([`QwenImageSPTransformer2DModel`]): the staged transformer (e.g. `pipe.transformer`).
@@ -549,36 +524,21 @@ def apply_teacache(transformer: nn.Module, config: TeaCacheConfig | None = None)
     config = config if config is not None else TeaCacheConfig()
     if not isinstance(config, TeaCacheConfig):
         raise TypeError(f"`config` must be a TeaCacheConfig, got {type(config).__name__}.")
-    hook = _register_teacache_hook(transformer, TeaCacheHook(config))
+    hook = _apply_teacache(transformer, config)
     logger.info(f"TeaCache on: {config}")
     return hook
 
 
 def remove_teacache(transformer: nn.Module) -> None:
-    r"""
-    Undo [`apply_teacache`]; a no-op when TeaCache is not applied.
-
-    Raises a `RuntimeError` when another hook was registered on the transformer root after TeaCache: diffusers'
-    registry would rewire that hook's forward and silently bypass it. Remove the later hooks first.
-    """
-    registry = getattr(transformer, "_diffusers_hook", None)
-    if registry is None or registry.get_hook(TEACACHE_HOOK) is None:
+    r"""Undo [`apply_teacache`] (also `transformer.disable_cache()`); a no-op when TeaCache is not applied."""
+    if get_teacache_hook(transformer) is None:
         return
-    order = list(registry._hook_order)
-    later = order[order.index(TEACACHE_HOOK) + 1 :]
-    if later == [CFG_PARALLEL_HOOK]:
-        # CFG parallel stays outermost (see `apply_teacache`): take it off and put it back around what remains.
-        outer = registry.get_hook(CFG_PARALLEL_HOOK)
-        registry.remove_hook(CFG_PARALLEL_HOOK, recurse=False)
-        registry.remove_hook(TEACACHE_HOOK, recurse=False)
-        registry.register_hook(outer, CFG_PARALLEL_HOOK)
-        return
-    if later:
-        raise RuntimeError(
-            f"Hooks {later} were registered on the transformer after TeaCache; removing TeaCache first would bypass "
-            "them. Remove them first (last in, first out), then call remove_teacache."
-        )
-    registry.remove_hook(TEACACHE_HOOK, recurse=False)
+    for stage_name, hook_name in ((_OUTPUT_STAGE, TEACACHE_OUTPUT_HOOK), (_BLOCKS_STAGE, TEACACHE_HOOK)):
+        registry = HookRegistry.check_if_exists_or_initialize(getattr(transformer, stage_name))
+        if registry.get_hook(hook_name) is not None:
+            registry.remove_hook(hook_name, recurse=False)
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    transformer._cache_config = None
 
 
 def teacache_stats(transformer: nn.Module) -> dict[str, dict[str, Any]]:
@@ -593,7 +553,7 @@ def teacache_stats(transformer: nn.Module) -> dict[str, dict[str, Any]]:
     Raises:
         `ValueError`: TeaCache is not applied to `transformer`.
     """
-    hook = _get_hook(transformer)
+    hook = get_teacache_hook(transformer)
     if hook is None:
         raise ValueError("TeaCache is not applied to this transformer: call apply_teacache(transformer, config) first.")
     return hook.stats()
@@ -602,11 +562,14 @@ def teacache_stats(transformer: nn.Module) -> dict[str, dict[str, Any]]:
 __all__ = [
     "QWEN_IMAGE_TEACACHE_COEFFICIENTS",
     "TEACACHE_HOOK",
+    "TEACACHE_OUTPUT_HOOK",
     "TeaCacheConfig",
     "TeaCacheDecision",
     "TeaCacheHook",
+    "TeaCacheOutputRecorder",
     "TeaCacheState",
     "apply_teacache",
+    "get_teacache_hook",
     "remove_teacache",
     "teacache_decision",
     "teacache_indicator",

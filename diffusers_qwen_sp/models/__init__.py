@@ -1,19 +1,8 @@
-"""Models: the Qwen-Image transformer with hookable preparation stages."""
+"""Models: the Qwen-Image transformer with hookable stages, and the vocabulary of its sequence-parallel plan."""
 
-from .transformer_qwenimage_sp import (
-    DenoisingStep,
-    ImageRopePrepare,
-    ModulateIndexPrepare,
-    QwenImageBlockInputs,
-    QwenImageSPTransformer2DModel,
-    check_qwen_image_config,
-)
+from . import sp_plan, transformer_qwenimage_sp
+from .sp_plan import *  # noqa: F403
+from .transformer_qwenimage_sp import *  # noqa: F403
 
-__all__ = [
-    "DenoisingStep",
-    "ImageRopePrepare",
-    "ModulateIndexPrepare",
-    "QwenImageBlockInputs",
-    "QwenImageSPTransformer2DModel",
-    "check_qwen_image_config",
-]
+
+__all__ = [*sp_plan.__all__, *transformer_qwenimage_sp.__all__]

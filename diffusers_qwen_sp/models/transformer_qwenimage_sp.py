@@ -4,12 +4,19 @@
 forward is `preprocess -> run_blocks -> postprocess`. Everything that touches the image sequence before the blocks
 goes through two parameter-free submodules:
 
-- `image_rope_prepare`: yields the embedded image sequence with the image and text rotary frequencies;
+- `image_rope_prepare`: yields the embedded image sequence with the image and text rotary frequencies and the
+  sequence layout ([`~diffusers_qwen_sp.distributed.ShardBounds`]);
 - `modulate_index_prepare`: yields the timestep (doubled for `zero_cond_t` models) and the per-token modulate index.
 
-Sequence parallelism attaches its split hooks to those two stages and its gather hook to `proj_out`; TeaCache calls
-`preprocess`, `run_blocks` and `postprocess` directly. Because no other code path embeds the image or builds rotary
-frequencies, a cached step shards exactly like a computed one.
+and two more carry the rest of the forward:
+
+- `blocks_stage`: runs the transformer blocks on the [`QwenImageBlockInputs`] that `preprocess` produced;
+- `image_output`: yields the projected image tokens of `postprocess`.
+
+Sequence parallelism splits at the two preparation stages and gathers at `image_output` (after `proj_out`, so a
+LoRA wrapper around `proj_out` computes on the same shard as the layer it wraps); TeaCache sits on `blocks_stage`.
+Which tensor is split where is data, `QwenImageSPTransformer2DModel._sp_plan`. Because no other code path embeds the
+image or builds rotary frequencies, a cached step shards exactly like a computed one.
 """
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ from diffusers.hooks.hooks import CacheContext
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
 from diffusers.utils import apply_lora_scale, logging
+
+from ..distributed.sharding import ShardBounds, sp_shard_bounds
+from .sp_plan import GatherInput, ShardBoundsOutput, SplitOutput, SPPlan
 
 
 logger = logging.get_logger(__name__)
@@ -53,6 +63,8 @@ class QwenImageBlockInputs:
             rotary frequencies.
         modulate_index (`torch.Tensor` of shape `(B, S_img)`, *optional*): 0 for generated tokens, 1 for reference
             tokens (modulated at t = 0); `None` unless the model is `zero_cond_t`.
+        image_shard ([`~diffusers_qwen_sp.distributed.ShardBounds`]): where this rank's image tokens lie in the
+            whole (zero-padded) image sequence; the whole sequence without sequence parallelism.
         attention_kwargs (`dict`, *optional*): passed to every block's attention processor.
     """
 
@@ -62,15 +74,26 @@ class QwenImageBlockInputs:
     temb: torch.Tensor
     image_rotary_emb: tuple[torch.Tensor, torch.Tensor]
     modulate_index: torch.Tensor | None
+    image_shard: ShardBounds
     attention_kwargs: dict[str, Any] | None = None
+
+    def block_attention_kwargs(self) -> dict[str, Any] | None:
+        r"""
+        The `joint_attention_kwargs` of every block: `attention_kwargs`, plus `image_shard` when the image sequence is
+        sharded (only the sequence-parallel attention processor is then in place, and it needs the layout).
+        """
+        if not self.image_shard.is_sharded:
+            return self.attention_kwargs
+        return {**(self.attention_kwargs or {}), "image_shard": self.image_shard}
 
 
 class ImageRopePrepare(nn.Module):
     r"""
-    Parameter-free stage that yields the embedded image sequence with its rotary frequencies.
+    Parameter-free stage that yields the embedded image sequence with its rotary frequencies and its layout.
 
     It computes the frequencies with the transformer's own `pos_embed` (held as a plain reference, so the module tree
-    and the state dict stay those of the stock model). Sequence parallelism splits its outputs along the sequence.
+    and the state dict stay those of the stock model). Sequence parallelism splits its outputs along the sequence and
+    replaces the layout (the whole sequence here) with this rank's shard.
     """
 
     def __init__(self, pos_embed: nn.Module, use_layer3d_rope: bool) -> None:
@@ -81,8 +104,8 @@ class ImageRopePrepare(nn.Module):
 
     def forward(
         self, hidden_states: torch.Tensor, img_shapes: list, text_seq_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns `(hidden_states (B, S_img, D), image_freqs (S_img, R), text_freqs (S_txt, R))`."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShardBounds]:
+        """Returns `(hidden_states (B, S_img, D), image_freqs (S_img, R), text_freqs (S_txt, R), layout)`."""
         if self.use_layer3d_rope:
             # QwenEmbedLayer3DRope takes (video_fhw, max_txt_seq_len, device), QwenEmbedRope (video_fhw, device, ...).
             image_freqs, text_freqs = self._pos_embed(img_shapes, text_seq_len, device=hidden_states.device)
@@ -90,7 +113,8 @@ class ImageRopePrepare(nn.Module):
             image_freqs, text_freqs = self._pos_embed(
                 img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device
             )
-        return hidden_states, image_freqs, text_freqs
+        whole = sp_shard_bounds(hidden_states.shape[1], world_size=1, rank=0)
+        return hidden_states, image_freqs, text_freqs, whole
 
     def extra_repr(self) -> str:
         return f"use_layer3d_rope={self.use_layer3d_rope}"
@@ -126,6 +150,79 @@ class ModulateIndexPrepare(nn.Module):
         return f"zero_cond_t={self.zero_cond_t}"
 
 
+class BlocksStage(nn.Module):
+    r"""
+    Parameter-free stage that runs the transformer blocks: `(QwenImageBlockInputs) -> (text, image)` streams.
+
+    It holds the transformer's `transformer_blocks` as a plain reference (the module tree and the state dict stay
+    those of the stock model). Caches that skip the blocks (TeaCache) hook this stage: they receive the block inputs
+    exactly as `preprocess` produced them, already sharded by sequence parallelism, and never touch preprocessing.
+    """
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        super().__init__()
+        object.__setattr__(self, "_blocks", blocks)
+        # Set together with the transformer's by diffusers' `enable_gradient_checkpointing`.
+        self.gradient_checkpointing = False
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks this stage runs."""
+        return self._blocks
+
+    def forward(
+        self, inputs: QwenImageBlockInputs, controlnet_block_samples: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns `(encoder_hidden_states (B, S_txt, D), hidden_states (B, S_img, D))`."""
+        hidden_states, encoder_hidden_states = inputs.hidden_states, inputs.encoder_hidden_states
+        interval = None
+        if controlnet_block_samples is not None:
+            interval = int(math.ceil(len(self._blocks) / len(controlnet_block_samples)))
+            if controlnet_block_samples[0].shape[1] != hidden_states.shape[1]:
+                raise ValueError(
+                    f"controlnet_block_samples have {controlnet_block_samples[0].shape[1]} image tokens but the blocks "
+                    f"see {hidden_states.shape[1]}: sequence parallelism shards the image sequence and does not shard "
+                    "controlnet residuals. Run controlnet pipelines without sequence parallelism."
+                )
+        attention_kwargs = inputs.block_attention_kwargs()
+        for index, block in enumerate(self._blocks):
+            args = (
+                hidden_states,
+                encoder_hidden_states,
+                inputs.encoder_hidden_states_mask,
+                inputs.temb,
+                inputs.image_rotary_emb,
+                attention_kwargs,
+                inputs.modulate_index,
+            )
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(block, *args)
+            else:
+                encoder_hidden_states, hidden_states = block(*args)
+            if interval is not None:
+                hidden_states = hidden_states + controlnet_block_samples[index // interval]
+        return encoder_hidden_states, hidden_states
+
+
+class ImageOutput(nn.Module):
+    r"""
+    Parameter-free stage that yields the projected image tokens `(B, S_img, p*p*C_out)` given with their layout.
+
+    Sequence parallelism gathers the image sequence here, after `proj_out` and whatever wraps it (a LoRA layer), and
+    cuts the padding off with the layout that travelled with the forward.
+    """
+
+    def forward(self, output: torch.Tensor, image_shard: ShardBounds) -> torch.Tensor:
+        """Returns `output` (the whole sequence once sequence parallelism gathered it)."""
+        if image_shard.is_sharded:
+            raise RuntimeError(
+                f"The image sequence reached the output still sharded ({image_shard}): the sequence-parallel gather "
+                "is missing. Remove sequence parallelism with remove_sequence_parallel (or "
+                "pipe.disable_sequence_parallel()), not by removing single hooks."
+            )
+        return output
+
+
 @dataclass(frozen=True)
 class DenoisingStep:
     r"""Where a pipeline's denoising loop is: filled into the transformer's `cache_context` by our pipelines."""
@@ -143,7 +240,7 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
     [`~QwenImageSPTransformer2DModel.from_transformer`] converts a stock instance without copying weights. The forward
     runs [`~QwenImageSPTransformer2DModel.preprocess`], [`~QwenImageSPTransformer2DModel.run_blocks`] and
     [`~QwenImageSPTransformer2DModel.postprocess`]; sequence parallelism hooks `image_rope_prepare`,
-    `modulate_index_prepare` and `proj_out`, and TeaCache calls the three methods itself.
+    `modulate_index_prepare` and `image_output` (the plan `_sp_plan`), and TeaCache hooks `blocks_stage`.
 
     Example:
 
@@ -156,6 +253,16 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
     ... )
     ```
     """
+
+    # Which tensor sequence parallelism splits or gathers where (see `diffusers_qwen_sp.models.sp_plan`).
+    _sp_plan: SPPlan = {
+        # (timestep, modulate_index (B, S_img)): the per-token modulation index goes with its image token.
+        "modulate_index_prepare": (SplitOutput(index=1, dim=1),),
+        # (hidden_states (B, S_img, D), image_freqs (S_img, R), text_freqs (S_txt, R), layout): text stays whole.
+        "image_rope_prepare": (SplitOutput(index=0, dim=1), SplitOutput(index=1, dim=0), ShardBoundsOutput(index=3)),
+        # (output (B, S_img/P, p*p*C), layout) -> (B, S_img, p*p*C)
+        "image_output": GatherInput(index=0, dim=1, bounds_index=1),
+    }
 
     @register_to_config
     def __init__(
@@ -190,6 +297,8 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
         )
         self.image_rope_prepare = ImageRopePrepare(self.pos_embed, use_layer3d_rope=self.config.use_layer3d_rope)
         self.modulate_index_prepare = ModulateIndexPrepare(zero_cond_t=self.config.zero_cond_t)
+        self.blocks_stage = BlocksStage(self.transformer_blocks)
+        self.image_output = ImageOutput()
         # Set by our pipelines for the duration of a call, read by `cache_context`.
         self._denoising_step_fn: Callable[[], DenoisingStep] | None = None
 
@@ -229,6 +338,10 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
             converted.pos_embed, use_layer3d_rope=converted.config.use_layer3d_rope
         )
         converted.gradient_checkpointing = transformer.gradient_checkpointing
+        converted.blocks_stage.gradient_checkpointing = transformer.gradient_checkpointing
+        if transformer.gradient_checkpointing:
+            converted._gradient_checkpointing_func = transformer._gradient_checkpointing_func
+            converted.blocks_stage._gradient_checkpointing_func = transformer._gradient_checkpointing_func
         return converted
 
     @classmethod
@@ -272,6 +385,38 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
         finally:
             self._denoising_step_fn = previous
 
+    # ------------------------------------------------------------------ caches
+
+    def enable_cache(self, config: Any) -> None:
+        r"""
+        diffusers' `enable_cache`, which also takes a [`~diffusers_qwen_sp.TeaCacheConfig`]: TeaCache then hooks
+        `blocks_stage`. Like diffusers' caches, it refuses to stack with another cache.
+
+        Example:
+
+        ```py
+        >>> from diffusers_qwen_sp import TeaCacheConfig
+
+        >>> transformer.enable_cache(TeaCacheConfig(threshold=0.2))
+        >>> transformer.disable_cache()
+        ```
+        """
+        from ..hooks.teacache import TeaCacheConfig, apply_teacache
+
+        if not isinstance(config, TeaCacheConfig):
+            super().enable_cache(config)
+            return
+        apply_teacache(self, config)
+
+    def disable_cache(self) -> None:
+        r"""diffusers' `disable_cache`, which also removes TeaCache."""
+        from ..hooks.teacache import TeaCacheConfig, remove_teacache
+
+        if isinstance(self._cache_config, TeaCacheConfig):
+            remove_teacache(self)
+            return
+        super().disable_cache()
+
     # ------------------------------------------------------------------ the three stages
 
     def preprocess(
@@ -312,7 +457,9 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
         )
 
         temb = self.time_text_embed(timestep, hidden_states, additional_t_cond)  # (B or 2B, D)
-        hidden_states, image_freqs, text_freqs = self.image_rope_prepare(hidden_states, img_shapes, text_seq_len)
+        hidden_states, image_freqs, text_freqs, image_shard = self.image_rope_prepare(
+            hidden_states, img_shapes, text_seq_len
+        )
         return QwenImageBlockInputs(
             hidden_states=hidden_states,
             encoder_hidden_states=encoder_hidden_states,
@@ -320,58 +467,28 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
             temb=temb,
             image_rotary_emb=(image_freqs, text_freqs),
             modulate_index=modulate_index,
+            image_shard=image_shard,
             attention_kwargs=attention_kwargs,
         )
-
-    def run_block(
-        self, index: int, inputs: QwenImageBlockInputs, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""Run transformer block `index` on the two streams; returns `(encoder_hidden_states, hidden_states)`."""
-        block = self.transformer_blocks[index]
-        args = (
-            hidden_states,
-            encoder_hidden_states,
-            inputs.encoder_hidden_states_mask,
-            inputs.temb,
-            inputs.image_rotary_emb,
-            inputs.attention_kwargs,
-            inputs.modulate_index,
-        )
-        if torch.is_grad_enabled() and self.gradient_checkpointing:
-            return self._gradient_checkpointing_func(block, *args)
-        return block(*args)
 
     def run_blocks(
         self, inputs: QwenImageBlockInputs, controlnet_block_samples: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         r"""
-        Run every transformer block, adding controlnet residuals when given.
+        Run every transformer block through `blocks_stage` (where caches hook), adding controlnet residuals when given.
 
         Returns:
             `tuple[torch.Tensor, torch.Tensor]`: `(encoder_hidden_states (B, S_txt, D), hidden_states (B, S_img, D))`.
         """
-        hidden_states, encoder_hidden_states = inputs.hidden_states, inputs.encoder_hidden_states
-        interval = None
-        if controlnet_block_samples is not None:
-            interval = int(math.ceil(len(self.transformer_blocks) / len(controlnet_block_samples)))
-            if controlnet_block_samples[0].shape[1] != hidden_states.shape[1]:
-                raise ValueError(
-                    f"controlnet_block_samples have {controlnet_block_samples[0].shape[1]} image tokens but the blocks "
-                    f"see {hidden_states.shape[1]}: sequence parallelism shards the image sequence and does not shard "
-                    "controlnet residuals. Run controlnet pipelines without sequence parallelism."
-                )
-        for index in range(len(self.transformer_blocks)):
-            encoder_hidden_states, hidden_states = self.run_block(index, inputs, hidden_states, encoder_hidden_states)
-            if interval is not None:
-                hidden_states = hidden_states + controlnet_block_samples[index // interval]
-        return encoder_hidden_states, hidden_states
+        return self.blocks_stage(inputs, controlnet_block_samples)
 
-    def postprocess(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def postprocess(self, hidden_states: torch.Tensor, inputs: QwenImageBlockInputs) -> torch.Tensor:
         r"""Final norm and projection of the image stream: `(B, S_img, D) -> (B, S_img, p*p*C_out)`."""
+        temb = inputs.temb
         if self.config.zero_cond_t:
             temb = temb.chunk(2, dim=0)[0]  # (2B, D) -> (B, D): the target's conditioning
         hidden_states = self.norm_out(hidden_states, temb)
-        return self.proj_out(hidden_states)
+        return self.image_output(self.proj_out(hidden_states), inputs.image_shard)
 
     @apply_lora_scale("attention_kwargs")
     def forward(
@@ -413,7 +530,7 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
             attention_kwargs=attention_kwargs,
         )
         _, hidden_states = self.run_blocks(inputs, controlnet_block_samples)
-        output = self.postprocess(hidden_states, inputs.temb)
+        output = self.postprocess(hidden_states, inputs)
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
@@ -435,7 +552,9 @@ def check_qwen_image_config(config: dict[str, Any], source: str) -> None:
 
 
 __all__ = [
+    "BlocksStage",
     "DenoisingStep",
+    "ImageOutput",
     "ImageRopePrepare",
     "ModulateIndexPrepare",
     "QwenImageBlockInputs",

@@ -21,7 +21,7 @@ from ..hooks.sequence_parallel import (
     get_sequence_parallel_runtime,
     remove_sequence_parallel,
 )
-from ..hooks.teacache import TeaCacheConfig, apply_teacache, remove_teacache
+from ..hooks.teacache import TeaCacheConfig, remove_teacache
 from ..hooks.teacache import teacache_stats as transformer_teacache_stats
 from ..models import DenoisingStep, QwenImageSPTransformer2DModel
 
@@ -198,7 +198,7 @@ class QwenImageSPPipelineMixin:
         """
         if config is not None and kwargs:
             raise ValueError(f"Pass either `config` or keyword arguments, not both (got config and {sorted(kwargs)}).")
-        apply_teacache(self.transformer, config if config is not None else TeaCacheConfig(**kwargs))
+        self.transformer.enable_cache(config if config is not None else TeaCacheConfig(**kwargs))
 
     def disable_teacache(self) -> None:
         r"""Remove TeaCache: every step computes the blocks again."""

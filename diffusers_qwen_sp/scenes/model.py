@@ -24,7 +24,12 @@ from diffusers import (
 )
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from ..testing.tiny import build_tiny_tokenizer, tiny_scheduler_config, tiny_text_encoder_config
+from ..small_components import (
+    build_bpe_tokenizer,
+    flow_match_scheduler_config,
+    small_text_encoder_config,
+    small_vae_config,
+)
 from .grammar import scene_prompts
 
 
@@ -75,7 +80,7 @@ def scene_tokenizer() -> Qwen2Tokenizer:
     pipeline drops.
     """
     corpus = tuple(_PROMPT_TEMPLATE.format(prompt) for prompt in scene_prompts(400, seed=0))
-    return build_tiny_tokenizer(corpus=corpus, vocab_size=_SCENE_VOCAB_SIZE)
+    return build_bpe_tokenizer(corpus, vocab_size=_SCENE_VOCAB_SIZE)
 
 
 def scene_transformer_config() -> dict[str, Any]:
@@ -104,16 +109,9 @@ def scene_vae_config(
             Per-channel statistics of the encoded training images; the pipeline scales latents by them before
             decoding, so the transformer sees unit-variance latents. Default 0 and 1 (before training).
     """
-    return {
-        "base_dim": 16,
-        "z_dim": SCENE_LATENT_CHANNELS,
-        "dim_mult": [1, 2, 4],
-        "num_res_blocks": 1,
-        "temperal_downsample": [False, True],
-        "input_channels": 3,
-        "latents_mean": list(latents_mean or [0.0] * SCENE_LATENT_CHANNELS),
-        "latents_std": list(latents_std or [1.0] * SCENE_LATENT_CHANNELS),
-    }
+    return small_vae_config(
+        base_dim=16, z_dim=SCENE_LATENT_CHANNELS, latents_mean=latents_mean, latents_std=latents_std
+    )
 
 
 def build_scene_components(seed: int = 0) -> dict[str, Any]:
@@ -127,7 +125,7 @@ def build_scene_components(seed: int = 0) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = Qwen2_5_VLForConditionalGeneration(
-            tiny_text_encoder_config(tokenizer, hidden_size=SCENE_TEXT_DIM, vocab_size=_SCENE_VOCAB_SIZE)
+            small_text_encoder_config(tokenizer, vocab_size=_SCENE_VOCAB_SIZE, hidden_size=SCENE_TEXT_DIM)
         )
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLQwenImage(**scene_vae_config())
@@ -138,7 +136,7 @@ def build_scene_components(seed: int = 0) -> dict[str, Any]:
         "vae": vae,
         "text_encoder": text_encoder.eval(),
         "tokenizer": tokenizer,
-        "scheduler": FlowMatchEulerDiscreteScheduler(**tiny_scheduler_config()),
+        "scheduler": FlowMatchEulerDiscreteScheduler(**flow_match_scheduler_config()),
     }
 
 

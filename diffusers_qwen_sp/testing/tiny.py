@@ -2,9 +2,11 @@
 
 Every component is the stock class the real checkpoints use (`QwenImageTransformer2DModel`, `AutoencoderKLQwenImage`,
 `Qwen2_5_VLForConditionalGeneration`, `Qwen2Tokenizer`, `Qwen2VLProcessor`, `FlowMatchEulerDiscreteScheduler`), only
-shrunk: nothing is downloaded, the tokenizer is a byte-level BPE trained here on a built-in corpus, and the weights are
+shrunk: nothing is downloaded, the tokenizer is a byte-level BPE trained on a built-in corpus, and the weights are
 random but seeded. The pipelines are the stock diffusers classes, so a test that runs a tiny pipeline exercises exactly
-the code path a real checkpoint takes.
+the code path a real checkpoint takes. The tokenizer, text encoder, VAE and scheduler configs come from the library's
+`diffusers_qwen_sp.small_components`, which the shipped scene model is built from too; this module only adds the test
+defaults (corpus, sizes, variants) and the test helpers.
 
 Variants (see [`TINY_VARIANTS`]):
 
@@ -36,7 +38,6 @@ torch.Size([1, 3, 64, 64])
 
 import contextlib
 import functools
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -62,11 +63,20 @@ from diffusers.pipelines.qwenimage import (
     pipeline_qwenimage_layered,
 )
 from diffusers.utils import logging
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.video_processing_utils import BaseVideoProcessor
+
+from ..small_components import (
+    QWEN_SPECIAL_TOKENS,
+    VISION_MERGE_SIZE,
+    VISION_PATCH_SIZE,
+    VISION_TEMPORAL_PATCH_SIZE,
+    build_bpe_tokenizer,
+    flow_match_scheduler_config,
+    small_text_encoder_config,
+    small_vae_config,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -98,25 +108,7 @@ TINY_VARIANTS: tuple[str, ...] = (
     "qwen_image_layered",
 )
 
-# Same order as the added tokens of the real Qwen2.5-VL tokenizer (ids 151643..151656 there), so relative ids match.
-QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
-
-# Byte-level BPE tokens plus the special tokens above; also the text encoder's embedding size.
+# Byte-level BPE tokens plus the `QWEN_SPECIAL_TOKENS`; also the text encoder's embedding size.
 TINY_VOCAB_SIZE = 512
 
 # Deliberately generic text: the pipelines' system prompts are *not* in it, so they stay long after tokenization. The
@@ -141,10 +133,6 @@ _TOKENIZER_CORPUS: tuple[str, ...] = (
     "an illustration of a robot reading a book in a library full of shelves",
 )
 
-# Vision tower geometry shared by the processor and the text encoder config: 14 px patches, 2x2 merge, 2 frames.
-_VISION_PATCH_SIZE = 14
-_VISION_MERGE_SIZE = 2
-_VISION_TEMPORAL_PATCH_SIZE = 2
 # Condition images are resized to 56x56 .. 112x112 px before the vision tower: 4 to 16 image tokens each.
 _PROCESSOR_MIN_PIXELS = 56 * 56
 _PROCESSOR_MAX_PIXELS = 112 * 112
@@ -214,44 +202,14 @@ def sp_pipeline_class(variant: str) -> type[DiffusionPipeline]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=4)
-def _tiny_bpe_model(
-    corpus: tuple[str, ...], vocab_size: int
-) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
-    # Immutable (vocab items, merges) so the cache cannot be corrupted; every caller builds its own tokenizer from it.
-    bpe = Tokenizer(models.BPE())
-    # The same normalizer and pre-tokenizer `Qwen2Tokenizer` installs, so the learned merges apply unchanged there.
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(QWEN_SPECIAL_TOKENS),
-        min_frequency=1,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=[],
-        show_progress=False,
-    )
-    bpe.train_from_iterator(corpus, trainer=trainer)
-    model = json.loads(bpe.to_str())["model"]
-    vocab = tuple(sorted(model["vocab"].items(), key=lambda item: item[1]))
-    merges = tuple(tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"])
-    return vocab, merges
-
-
 def build_tiny_tokenizer(
     corpus: tuple[str, ...] = _TOKENIZER_CORPUS, vocab_size: int = TINY_VOCAB_SIZE
 ) -> Qwen2Tokenizer:
     r"""
-    Build a small deterministic `Qwen2Tokenizer` with the Qwen special tokens.
+    Build the small deterministic `Qwen2Tokenizer` of the tiny pipelines: [`build_bpe_tokenizer`] with defaults.
 
-    The byte-level BPE is trained once per process with the `tokenizers` library on a small corpus (no download) and
-    cached; each call returns a new tokenizer object, so callers may modify theirs freely. The BPE tokens take the
-    first ids (up to `vocab_size - 14` of them, fewer when the corpus has fewer merges to learn) and
-    [`QWEN_SPECIAL_TOKENS`] follow right after, in the order of the real Qwen2.5-VL tokenizer.
+    The BPE tokens take the first ids and [`QWEN_SPECIAL_TOKENS`] follow right after; each call returns a new
+    tokenizer object, so callers may modify theirs freely.
 
     Args:
         corpus (`tuple[str, ...]`, *optional*):
@@ -262,25 +220,7 @@ def build_tiny_tokenizer(
     Returns:
         `Qwen2Tokenizer`: a tokenizer of at most `vocab_size` tokens with pad and eos token `<|endoftext|>`.
     """
-    vocab, merges = _tiny_bpe_model(tuple(corpus), vocab_size)
-    tokenizer = Qwen2Tokenizer(
-        vocab=dict(vocab),
-        merges=list(merges),
-        unk_token=None,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
-        clean_up_tokenization_spaces=False,
-        model_max_length=32768,
-    )
-    ids = tokenizer.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS))
-    expected = list(range(len(vocab), len(vocab) + len(QWEN_SPECIAL_TOKENS)))
-    if ids != expected or len(tokenizer) > vocab_size:
-        raise RuntimeError(
-            f"Tiny tokenizer special tokens got ids {ids} (expected {expected}) and {len(tokenizer)} tokens (at most "
-            f"{vocab_size}); the installed `tokenizers`/`transformers` build them differently than expected."
-        )
-    return tokenizer
+    return build_bpe_tokenizer(corpus, vocab_size)
 
 
 def build_tiny_processor(tokenizer: Qwen2Tokenizer | None = None) -> Qwen2VLProcessor:
@@ -303,15 +243,15 @@ def build_tiny_processor(tokenizer: Qwen2Tokenizer | None = None) -> Qwen2VLProc
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=_PROCESSOR_MIN_PIXELS,
         max_pixels=_PROCESSOR_MAX_PIXELS,
-        patch_size=_VISION_PATCH_SIZE,
-        temporal_patch_size=_VISION_TEMPORAL_PATCH_SIZE,
-        merge_size=_VISION_MERGE_SIZE,
+        patch_size=VISION_PATCH_SIZE,
+        temporal_patch_size=VISION_TEMPORAL_PATCH_SIZE,
+        merge_size=VISION_MERGE_SIZE,
     )
     video_processor = BaseVideoProcessor(
         size={"shortest_edge": _PROCESSOR_MIN_PIXELS, "longest_edge": _PROCESSOR_MAX_PIXELS},
-        patch_size=_VISION_PATCH_SIZE,
-        temporal_patch_size=_VISION_TEMPORAL_PATCH_SIZE,
-        merge_size=_VISION_MERGE_SIZE,
+        patch_size=VISION_PATCH_SIZE,
+        temporal_patch_size=VISION_TEMPORAL_PATCH_SIZE,
+        merge_size=VISION_MERGE_SIZE,
     )
     processor = Qwen2VLProcessor.__new__(Qwen2VLProcessor)
 
@@ -375,8 +315,9 @@ def tiny_transformer_config(variant: str = "qwen_image", **overrides: Any) -> di
 
 def tiny_vae_config(variant: str = "qwen_image") -> dict[str, Any]:
     r"""
-    Config of a tiny `AutoencoderKLQwenImage`: spatial factor 4 (with the transformer's 2x2 patches, pixel sizes must
-    be multiples of 8), RGB with 4 latent channels, or for `"qwen_image_layered"` RGBA with 8 latent channels.
+    Config of a tiny `AutoencoderKLQwenImage` ([`small_vae_config`] with base 24 channels): spatial factor 4 (with the
+    transformer's 2x2 patches, pixel sizes must be multiples of 8), RGB with 4 latent channels, or for
+    `"qwen_image_layered"` RGBA with 8 latent channels.
 
     Layered needs `z_dim != 4`: `QwenImageLayeredPipeline.prepare_latents` takes an image tensor whose channel count
     equals `z_dim` for ready-made latents and skips the VAE, which a 4-channel RGBA image would trigger.
@@ -388,52 +329,20 @@ def tiny_vae_config(variant: str = "qwen_image") -> dict[str, Any]:
     Returns:
         `dict[str, Any]`: keyword arguments for `AutoencoderKLQwenImage`.
     """
-    z_dim = _spec(variant).latent_channels
-    return {
-        "base_dim": 24,
-        "z_dim": z_dim,
-        "dim_mult": [1, 2, 4],
-        "num_res_blocks": 1,
-        "temperal_downsample": [False, True],
-        "input_channels": _spec(variant).image_channels,
-        "latents_mean": [0.0] * z_dim,
-        "latents_std": [1.0] * z_dim,
-    }
+    spec = _spec(variant)
+    return small_vae_config(base_dim=24, z_dim=spec.latent_channels, input_channels=spec.image_channels)
 
 
-def tiny_scheduler_config() -> dict[str, Any]:
-    r"""
-    The `FlowMatchEulerDiscreteScheduler` config of the real Qwen-Image checkpoints (dynamic exponential shifting).
-
-    Returns:
-        `dict[str, Any]`: keyword arguments for `FlowMatchEulerDiscreteScheduler`.
-    """
-    return {
-        "base_image_seq_len": 256,
-        "base_shift": 0.5,
-        "invert_sigmas": False,
-        "max_image_seq_len": 8192,
-        "max_shift": 0.9,
-        "num_train_timesteps": 1000,
-        "shift": 1.0,
-        "shift_terminal": 0.02,
-        "stochastic_sampling": False,
-        "time_shift_type": "exponential",
-        "use_beta_sigmas": False,
-        "use_dynamic_shifting": True,
-        "use_exponential_sigmas": False,
-        "use_karras_sigmas": False,
-    }
+# The real Qwen-Image scheduler config, under the name the tests have always used.
+tiny_scheduler_config = flow_match_scheduler_config
 
 
 def tiny_text_encoder_config(
     tokenizer: Qwen2Tokenizer | None = None, hidden_size: int = 32, vocab_size: int = TINY_VOCAB_SIZE
 ) -> Qwen2_5_VLConfig:
     r"""
-    Config of a tiny `Qwen2_5_VLForConditionalGeneration` whose token ids match [`build_tiny_tokenizer`].
-
-    Text model: hidden 32 (by default), 2 layers, heads of 16 dims, multimodal RoPE sections (2, 2, 4). Vision tower:
-    2 blocks of hidden 16, 14 px patches merged 2x2 into tokens of the text model's width.
+    Config of a tiny `Qwen2_5_VLForConditionalGeneration` whose token ids match [`build_tiny_tokenizer`]: the
+    [`small_text_encoder_config`] of that tokenizer.
 
     Args:
         tokenizer (`Qwen2Tokenizer`, *optional*):
@@ -447,44 +356,7 @@ def tiny_text_encoder_config(
         `Qwen2_5_VLConfig`
     """
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    token_id = tokenizer.convert_tokens_to_ids
-    if hidden_size % 16:
-        raise ValueError(f"hidden_size must be a multiple of the 16-dim heads, got {hidden_size}")
-    return Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": vocab_size,
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": 2,
-            "num_attention_heads": hidden_size // 16,
-            "num_key_value_heads": hidden_size // 16,
-            "max_position_embeddings": 4096,
-            # head_dim 16 -> 8 rotary frequencies, split (temporal, height, width) = (2, 2, 4).
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 2, 4]},
-            "bos_token_id": token_id("<|endoftext|>"),
-            "eos_token_id": token_id("<|im_end|>"),
-            "pad_token_id": token_id("<|endoftext|>"),
-        },
-        vision_config={
-            "depth": 2,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": hidden_size,
-            "patch_size": _VISION_PATCH_SIZE,
-            "spatial_merge_size": _VISION_MERGE_SIZE,
-            "temporal_patch_size": _VISION_TEMPORAL_PATCH_SIZE,
-            "window_size": _VISION_PATCH_SIZE * _VISION_MERGE_SIZE * 2,
-            "fullatt_block_indexes": [1],
-        },
-        image_token_id=token_id("<|image_pad|>"),
-        video_token_id=token_id("<|video_pad|>"),
-        vision_start_token_id=token_id("<|vision_start|>"),
-        vision_end_token_id=token_id("<|vision_end|>"),
-        bos_token_id=token_id("<|endoftext|>"),
-        eos_token_id=token_id("<|im_end|>"),
-        pad_token_id=token_id("<|endoftext|>"),
-    )
+    return small_text_encoder_config(tokenizer, vocab_size=vocab_size, hidden_size=hidden_size)
 
 
 # --------------------------------------------------------------------------------------------------------------------

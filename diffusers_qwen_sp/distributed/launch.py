@@ -1,4 +1,4 @@
-"""Run a function on several CPU processes with an initialised process group (for tests and CPU examples).
+"""Run a function on several CPU processes with an initialised process group (tests, CPU benchmarks and examples).
 
 The parent never hangs: it waits with a deadline, kills every child on the first error, on timeout and on Ctrl-C,
 and re-raises the failing rank's traceback. A child also exits when the parent is killed outright.
