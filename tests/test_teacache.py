@@ -393,6 +393,33 @@ def test_apply_remove_apply():
         apply_teacache(torch.nn.Linear(2, 2))
 
 
+def test_enable_cache_and_disable_cache_like_diffusers_caches():
+    from diffusers import FirstBlockCacheConfig
+
+    transformer = _tiny_transformer()
+    inputs = _transformer_inputs()
+    doubled = dict(inputs, hidden_states=inputs["hidden_states"] * 2)
+    with torch.no_grad():
+        reference_doubled = transformer(**doubled).sample
+    for _ in range(2):  # enable -> disable -> enable: no state left behind
+        transformer.enable_cache(TeaCacheConfig(threshold=100.0))
+        assert transformer.is_cache_enabled and get_teacache_hook(transformer) is not None
+        _call(transformer, "cond", **inputs)
+        skipped = _call(transformer, "cond", **doubled)  # threshold 100: step 1 reuses step 0's residual
+        assert teacache_stats(transformer)["cond"]["skipped"] == [1] and not torch.equal(skipped, reference_doubled)
+        with pytest.raises(ValueError, match="already been enabled"):  # diffusers' own refusal to stack caches
+            transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+        transformer.disable_cache()
+        assert not transformer.is_cache_enabled and get_teacache_hook(transformer) is None
+        assert torch.equal(_call(transformer, "cond", **doubled), reference_doubled)
+    # And the other way round: TeaCache refuses to stack on a diffusers cache.
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError, match="does not stack"):
+        apply_teacache(transformer)
+    transformer.disable_cache()
+    assert get_teacache_hook(transformer) is None and not transformer.is_cache_enabled
+
+
 def test_teacache_nests_inside_cfg_parallel():
     from diffusers_qwen_sp.distributed import ParallelGroups
     from diffusers_qwen_sp.hooks.cfg_parallel import CFG_PARALLEL_HOOK, apply_cfg_parallel, get_cfg_parallel_hook
