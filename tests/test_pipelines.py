@@ -225,3 +225,40 @@ def test_examples_run_on_the_tiny_model(script, tmp_path, monkeypatch, capsys):
     with Image.open(output) as image:
         assert image.size == (64, 64)
     assert f"wrote {output}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("variant", TINY_VARIANTS)
+def test_call_shows_the_stock_signature_and_docstring(variant):
+    from diffusers_qwen_sp.pipelines import stock_parent
+
+    cls = sp_pipeline_class(variant)
+    stock = stock_parent(cls)
+    pipe = build_tiny_pipeline(variant, pipeline_cls=cls)
+    ours, theirs = inspect.signature(pipe.__call__), inspect.signature(stock.__call__.__get__(pipe))
+    assert list(ours.parameters) == list(theirs.parameters) and "prompt" in ours.parameters
+    assert [p.default for p in ours.parameters.values()] == [p.default for p in theirs.parameters.values()]
+    assert cls.__call__.__doc__ == stock.__call__.__doc__ and "num_inference_steps" in cls.__call__.__doc__
+
+
+def test_a_pipeline_built_from_our_components_saves_a_folder_both_loaders_load(tmp_path):
+    import json
+
+    from diffusers import QwenImagePipeline
+
+    from diffusers_qwen_sp import QwenImageSPPipeline
+    from diffusers_qwen_sp.testing import build_tiny_components
+
+    expected = _images(build_tiny_pipeline("qwen_image"), "qwen_image")
+    built = QwenImageSPPipeline(**build_tiny_components("qwen_image", transformer_cls=QwenImageSPTransformer2DModel))
+    swapped = build_tiny_pipeline("qwen_image", pipeline_cls=QwenImageSPPipeline)
+    swapped.transformer = QwenImageSPTransformer2DModel.from_transformer(build_tiny_pipeline("qwen_image").transformer)
+    for name, pipe in (("built", built), ("swapped", swapped)):
+        pipe.save_pretrained(tmp_path / name)
+        index = json.loads((tmp_path / name / "model_index.json").read_text())
+        assert index["transformer"] == ["diffusers", "QwenImageTransformer2DModel"], name
+        assert index["_class_name"] == "QwenImagePipeline", name
+        for loader in (QwenImageSPPipeline, QwenImagePipeline, DiffusionPipeline):
+            for _ in range(2):
+                loaded = loader.from_pretrained(tmp_path / name)
+                loaded.set_progress_bar_config(disable=True)
+                assert (_images(loaded, "qwen_image") - expected).abs().max().item() <= 1e-6, (name, loader)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import numbers
@@ -24,6 +25,10 @@ from ..hooks.sequence_parallel import (
 from ..hooks.teacache import TeaCacheConfig, remove_teacache
 from ..hooks.teacache import teacache_stats as transformer_teacache_stats
 from ..models import DenoisingStep, QwenImageSPTransformer2DModel
+
+
+# What model_index.json names for the transformer (see `QwenImageSPPipelineMixin.__setattr__`).
+STOCK_TRANSFORMER_CLASS_NAME = "QwenImageTransformer2DModel"
 
 
 logger = logging.get_logger(__name__)
@@ -87,8 +92,10 @@ class QwenImageSPPipelineMixin:
     Mixin for the thin subclasses of diffusers' Qwen-Image pipelines.
 
     - The transformer is always a [`QwenImageSPTransformer2DModel`]: a stock one (e.g. loaded from a stock repo) is
-      converted when it is set on the pipeline, sharing its weights. `model_index.json` keeps naming the stock class,
-      so a saved pipeline still loads with plain diffusers.
+      converted when it is set on the pipeline, sharing its weights. `model_index.json` keeps naming the stock
+      classes (pipeline and transformer), however the pipeline was built, so a saved pipeline loads with plain
+      diffusers as well as with ours.
+    - `__call__` has the stock signature and docstring (`inspect.signature`, `help`, IDE completion).
     - While the pipeline runs, the transformer's `cache_context` carries the step index, the step count and the
       timestep of the denoising loop, so cache hooks know where they are without forking `__call__`.
     - `enable_sequence_parallel` / `disable_sequence_parallel` (Ulysses, Ring, both, and CFG parallel) and
@@ -97,11 +104,27 @@ class QwenImageSPPipelineMixin:
       peer ends every rank with an error that says so.
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        stock_call = stock_parent(cls).__call__
+
+        # The stock signature and docstring for `inspect.signature`, `help` and IDEs (via `__wrapped__`); the body is
+        # the mixin's, which calls the stock `__call__` itself.
+        @functools.wraps(stock_call)
+        def __call__(self: QwenImageSPPipelineMixin, *args: Any, **kwargs: Any) -> Any:
+            return self._parallel_call(*args, **kwargs)
+
+        cls.__call__ = __call__
+
     def __setattr__(self, name: str, value: Any) -> None:
         # The stock constructors set the transformer through `register_modules` -> `setattr`: one place converts it.
         if name == "transformer" and value is not None and not isinstance(value, QwenImageSPTransformer2DModel):
             value = QwenImageSPTransformer2DModel.from_transformer(value)
         super().__setattr__(name, value)
+        if name == "transformer" and value is not None and "transformer" in getattr(self, "_internal_dict", {}):
+            # Ours is the stock model with a staged forward (same config and weights): record the stock class, which
+            # every loader knows, instead of our module path, which diffusers cannot load a component from.
+            self.register_to_config(transformer=("diffusers", STOCK_TRANSFORMER_CLASS_NAME))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         r"""
@@ -274,7 +297,7 @@ class QwenImageSPPipelineMixin:
             f"not reach the same collective within {limit}. Look at the other ranks' errors for the cause."
         )
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _parallel_call(self, *args: Any, **kwargs: Any) -> Any:
         parallel = self.sequence_parallel_enabled
         try:
             if parallel:
