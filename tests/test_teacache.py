@@ -74,8 +74,10 @@ def test_config_defaults_and_validation():
     assert config.threshold == 0.2
     assert config.coefficients == [-4.5e2, 2.8e2, -4.5e1, 3.2, -2e-2] == list(QWEN_IMAGE_TEACACHE_COEFFICIENTS)
     assert "threshold=0.2" in repr(config)
+    assert config.warmup_steps == 0
     for bad in (dict(threshold=-0.1), dict(threshold=float("nan")), dict(coefficients=[]),
-                dict(coefficients=[1.0, float("inf")]), dict(num_inference_steps=0)):
+                dict(coefficients=[1.0, float("inf")]), dict(num_inference_steps=0), dict(warmup_steps=-1),
+                dict(warmup_steps=1.5)):
         with pytest.raises(ValueError, match="TeaCacheConfig"):
             TeaCacheConfig(**bad)
     with pytest.raises(TypeError, match="threshold"):
@@ -345,6 +347,22 @@ def test_shape_change_and_loop_end_reset_the_branch():
         assert teacache_stats(transformer)["cond"]["computed"] == [0, 1]
         with pytest.raises(RuntimeError, match="cache_context"):
             transformer(**large)
+    finally:
+        remove_teacache(transformer)
+
+
+@pytest.mark.parametrize("warmup, computed", [(0, [0, 5]), (1, [0, 5]), (3, [0, 1, 2, 5]), (9, [0, 1, 2, 3, 4, 5])])
+def test_warmup_steps_are_always_computed(warmup, computed):
+    # threshold 100 skips every step it may: only the warm-up steps and the last one (step 5 of 6) are computed
+    transformer = _tiny_transformer()
+    apply_teacache(transformer, TeaCacheConfig(threshold=100.0, num_inference_steps=6, warmup_steps=warmup))
+    try:
+        for repeat in range(2):  # the second loop starts at step 0 again: same decisions
+            for step in range(6):
+                _call(transformer, "cond", **_transformer_inputs(timestep=1.0 - 0.1 * step))
+            stats = teacache_stats(transformer)["cond"]
+            assert stats["computed"] == computed, repeat
+            assert sorted(stats["computed"] + stats["skipped"]) == list(range(6)), repeat
     finally:
         remove_teacache(transformer)
 
