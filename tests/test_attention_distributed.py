@@ -1,6 +1,8 @@
 """Attention kernels, LSE merge and distributed joint attention (Ulysses, Ring, USP) against single-process SDPA.
 
-Multi-process cases run on CPU with gloo through `run_distributed`; every case of one world size runs in one spawn.
+Multi-process cases run on CPU with gloo through `run_distributed`: every case of one world size runs in one spawn
+(the module-scoped `spawned` fixture, see tests/_spawn.py), and each case reports as its own test,
+`test_joint_attention[world4-u2r2-img13-trailing3]`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from diffusers_qwen_sp.distributed import (
     init_distributed,
     sp_shard_bounds,
 )
-from diffusers_qwen_sp.testing.multiprocess import DistributedProcessError, run_distributed
+from diffusers_qwen_sp.distributed import DistributedProcessError, run_distributed
+
+from _spawn import Spawn, spawn_fixture, world_cases
 
 
 TOL = 1e-5
@@ -94,13 +98,36 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
 
 
-def _run_cases(groups: ParallelGroups, label: str, seed_offset: int = 0) -> list[dict]:
-    """Every (image length, text mask) case, CALLS_PER_CASE calls each with fresh inputs; one record per call."""
-    records = []
+def _mesh_id(ulysses: int, ring: int, cfg: int) -> str:
+    return f"u{ulysses}r{ring}" + (f"cfg{cfg}" if cfg > 1 else "")
+
+
+def _attention_case_id(ulysses: int, ring: int, cfg: int, image_len: int, mask_kind: str) -> str:
+    return f"{_mesh_id(ulysses, ring, cfg)}-img{image_len}-{mask_kind}"
+
+
+# world size -> (ulysses, ring, cfg) meshes; every mesh and case of one world size runs in one spawn.
+MESHES = {2: [(2, 1, 1), (1, 2, 1), (1, 1, 2)], 4: [(4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2)]}
+# world size -> case ids: every mesh x image length x text mask (3 x 5 x 4 = 60 at world 2, 5 x 5 x 4 = 100 at 4)
+ATTENTION_CASES = {
+    world: [
+        _attention_case_id(*mesh, image_len, mask_kind)
+        for mesh in meshes
+        for image_len in IMAGE_LENGTHS
+        for mask_kind in TEXT_MASKS
+    ]
+    for world, meshes in MESHES.items()
+}
+
+
+def _run_cases(groups: ParallelGroups, mesh: tuple[int, int, int], seed_offset: int = 0) -> dict[str, list[dict]]:
+    """Every (image length, text mask) case, CALLS_PER_CASE calls each with fresh inputs: case id -> a record a call."""
+    cases = {}
     sp_size, sp_rank = groups.sp_world_size, groups.sp_rank
     for image_len in IMAGE_LENGTHS:
         for mask_kind in TEXT_MASKS:
             txt_mask = _text_mask(mask_kind)
+            records = cases[_attention_case_id(*mesh, image_len, mask_kind)] = []
             for call in range(CALLS_PER_CASE):
                 seed = seed_offset + 1000 * image_len + 10 * TEXT_MASKS.index(mask_kind) + call
                 inputs = _make_inputs(seed, image_len)  # identical on every SP rank of this CFG branch
@@ -122,8 +149,8 @@ def _run_cases(groups: ParallelGroups, label: str, seed_offset: int = 0) -> list
                 expected_img = ref_img[:, bounds.start : bounds.start + bounds.valid_len]
                 records.append(
                     {
-                        "label": label,
-                        "case": f"image_len={image_len} mask={mask_kind} call={call} backend={backend}",
+                        "call": call,
+                        "backend": backend,
                         "txt_shape": tuple(txt_out.shape),
                         "img_shape": tuple(img_out.shape),
                         "expected_img_shape": (BATCH, bounds.local_len, HEADS, HEAD_DIM),
@@ -132,7 +159,7 @@ def _run_cases(groups: ParallelGroups, label: str, seed_offset: int = 0) -> list
                         "finite": bool(torch.isfinite(txt_out).all() and torch.isfinite(img_out).all()),
                     }
                 )
-    return records
+    return cases
 
 
 def _comm_bytes_case(groups: ParallelGroups) -> dict:
@@ -165,44 +192,26 @@ def _layout(groups: ParallelGroups) -> dict:
 
 
 def _sp_worker(rank: int, world_size: int, meshes: list[tuple[int, int, int]], offset: int = 0) -> dict:
-    """Runs in each spawned rank: every mesh (ulysses, ring, cfg) x every case."""
+    """Runs in each spawned rank: every mesh (ulysses, ring, cfg) x every case; returns case id -> its numbers."""
     # run_distributed plumbing: positional and keyword arguments arrive, the group is initialised.
     total = torch.tensor([rank + offset])
     dist.all_reduce(total)
-    out = {"records": [], "layouts": {}, "comm": {}, "rank": rank, "all_reduce": total}
     # Every rank ends up with rank 0's structure and values.
     mine = (torch.full((2, 3), float(rank)), None, {"ids": torch.arange(4) + rank, "n": rank}, [torch.ones(1).bool()])
-    out["broadcast"] = broadcast_from_rank0(mine)
+    out = {"plumbing": {"rank": rank, "all_reduce": total, "broadcast": broadcast_from_rank0(mine)}}
     try:
         ParallelGroups.create(ulysses_degree=3, ring_degree=1)
         out["degree_error"] = None
     except ValueError as error:
         out["degree_error"] = str(error)
-    for ulysses, ring, cfg in meshes:
-        label = f"ulysses={ulysses} ring={ring} cfg={cfg}"
+    for mesh in meshes:
+        ulysses, ring, cfg = mesh
         groups = ParallelGroups.create(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg)
-        out["layouts"][label] = _layout(groups)
+        out[f"layout-{_mesh_id(*mesh)}"] = _layout(groups)
         # CFG branches get different inputs: a group leaking across branches would show up as a mismatch.
-        out["records"] += _run_cases(groups, label, seed_offset=100_000 * groups.cfg_rank)
-        out["comm"][label] = _comm_bytes_case(groups)
+        out.update(_run_cases(groups, mesh, seed_offset=100_000 * groups.cfg_rank))
+        out[f"comm-{_mesh_id(*mesh)}"] = _comm_bytes_case(groups)
     return out
-
-
-def _check_records(results: list[dict], world_size: int) -> None:
-    failures = []
-    for rank, result in enumerate(results):
-        assert result["records"], "no case ran"
-        for record in result["records"]:
-            ok = (
-                record["finite"]
-                and record["txt_diff"] <= TOL
-                and record["img_diff"] <= TOL
-                and record["txt_shape"] == (BATCH, TXT_LEN, HEADS, HEAD_DIM)
-                and record["img_shape"] == record["expected_img_shape"]
-            )
-            if not ok:
-                failures.append(f"rank {rank}/{world_size} {record}")
-    assert not failures, f"{len(failures)} mismatching calls, e.g.:\n" + "\n".join(failures[:10])
 
 
 def _expected_comm_bytes(ulysses: int, ring: int, image_len: int) -> int:
@@ -222,63 +231,114 @@ def _expected_comm_bytes(ulysses: int, ring: int, image_len: int) -> int:
     return sent
 
 
+# (world size, mesh id) -> (collectives of one call, bytes one rank sends, or None where not checked)
+COMMUNICATION = {
+    (2, "u2r1"): ({"all_to_all": 2}, _expected_comm_bytes(2, 1, 13)),
+    (2, "u1r2"): ({"p2p": 1}, _expected_comm_bytes(1, 2, 13)),
+    (2, "u1r1cfg2"): ({}, None),  # SP world 1: no collective
+    (4, "u4r1"): ({"all_to_all": 2}, _expected_comm_bytes(4, 1, 13)),
+    (4, "u1r4"): ({"p2p": 3}, _expected_comm_bytes(1, 4, 13)),
+    (4, "u2r2"): ({"all_to_all": 2, "p2p": 1}, _expected_comm_bytes(2, 2, 13)),
+}
+
+# (world size, mesh id) -> layout field -> its value on each rank, in rank order.
+# Rank layout: rank = cfg * (ring * ulysses) + ring * ulysses + ulysses (ulysses ranks contiguous).
+LAYOUTS = {
+    (2, "u1r1cfg2"): {"cfg_rank": [0, 1], "sp_world_size": [1, 1], "cfg_ranks": [[0, 1], [0, 1]]},
+    (4, "u2r2"): {
+        "ring_rank": [0, 0, 1, 1],
+        "ulysses_rank": [0, 1, 0, 1],
+        "sp_rank": [0, 1, 2, 3],
+        "ring_ranks": [[0, 2], [1, 3], [0, 2], [1, 3]],
+        "ulysses_ranks": [[0, 1], [0, 1], [2, 3], [2, 3]],
+    },
+    (4, "u2r1cfg2"): {
+        "cfg_rank": [0, 0, 1, 1],
+        "sp_ranks": [[0, 1], [0, 1], [2, 3], [2, 3]],
+        "cfg_ranks": [[0, 2], [1, 3], [0, 2], [1, 3]],
+        "cfg_group_size": [2, 2, 2, 2],
+    },
+    (4, "u1r2cfg2"): {"ring_ranks": [[0, 1], [0, 1], [2, 3], [2, 3]]},
+}
+# (world size, mesh id) -> what rank 0's repr of the groups must contain
+LAYOUT_REPRS = {(4, "u1r2cfg2"): ["ring=2", "cfg=2"]}
+
+
+def _by_world(keys) -> dict[int, list[str]]:
+    cases: dict[int, list[str]] = {}
+    for world, case in keys:
+        cases.setdefault(world, []).append(case)
+    return cases
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Multi-process parity (one spawn per world size)
+# Multi-process parity: one spawn per world size (the fixture), one test per case
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_joint_attention_world2():
-    meshes = [(2, 1, 1), (1, 2, 1), (1, 1, 2)]
-    results = run_distributed(_sp_worker, 2, meshes, timeout=120.0, offset=10)
-    assert [result["rank"] for result in results] == [0, 1]  # one return value per rank, in rank order
-    assert [result["all_reduce"].item() for result in results] == [21, 21]  # (0 + 10) + (1 + 10)
-    for result in results:
+spawned = spawn_fixture(
+    _sp_worker,
+    Spawn(2, args=(MESHES[2],), kwargs={"offset": 10}, timeout=120.0),
+    Spawn(4, args=(MESHES[4],), timeout=180.0),
+)
+
+
+@pytest.mark.distributed
+def test_run_distributed_plumbing(spawned):
+    plumbing = spawned[2].case("plumbing")
+    assert [result["rank"] for result in plumbing] == [0, 1]  # one return value per rank, in rank order
+    assert [result["all_reduce"].item() for result in plumbing] == [21, 21]  # (0 + 10) + (1 + 10)
+    for result in plumbing:
         tensor, none, mapping, listed = result["broadcast"]
         assert torch.equal(tensor, torch.zeros(2, 3)) and none is None
         assert torch.equal(mapping["ids"], torch.arange(4)) and mapping["n"] == 0
         assert isinstance(listed, list) and listed[0].dtype == torch.bool
-    _check_records(results, 2)
-    assert "1 * 1 * 3 = 3, but the world size is 2" in results[0]["degree_error"]
-    # 3 meshes x 5 image lengths x 4 masks x 3 calls on each rank
-    assert len(results[0]["records"]) == 3 * len(IMAGE_LENGTHS) * len(TEXT_MASKS) * CALLS_PER_CASE
-    for rank, result in enumerate(results):
-        comm = result["comm"]
-        assert comm["ulysses=2 ring=1 cfg=1"]["calls"] == {"all_to_all": 2}
-        assert comm["ulysses=2 ring=1 cfg=1"]["bytes_sent"] == _expected_comm_bytes(2, 1, 13)
-        assert comm["ulysses=1 ring=2 cfg=1"]["calls"] == {"p2p": 1}
-        assert comm["ulysses=1 ring=2 cfg=1"]["bytes_sent"] == _expected_comm_bytes(1, 2, 13)
-        assert comm["ulysses=1 ring=1 cfg=2"]["calls"] == {}  # SP world 1: no collective
-        layout = result["layouts"]["ulysses=1 ring=1 cfg=2"]
-        assert (layout["cfg_rank"], layout["sp_world_size"], layout["cfg_ranks"]) == (rank, 1, [0, 1])
 
 
-def test_joint_attention_world4():
-    meshes = [(4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2), (1, 2, 2)]
-    results = run_distributed(_sp_worker, 4, meshes, timeout=180.0)
-    _check_records(results, 4)
-    # Rank layout: rank = cfg * (ring * ulysses) + ring * ulysses + ulysses (ulysses ranks contiguous).
-    usp = [result["layouts"]["ulysses=2 ring=2 cfg=1"] for result in results]
-    assert [(lay["ring_rank"], lay["ulysses_rank"], lay["sp_rank"]) for lay in usp] == [
-        (0, 0, 0), (0, 1, 1), (1, 0, 2), (1, 1, 3)
-    ]
-    assert [lay["ring_ranks"] for lay in usp] == [[0, 2], [1, 3], [0, 2], [1, 3]]
-    assert [lay["ulysses_ranks"] for lay in usp] == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    cfg_uly = [result["layouts"]["ulysses=2 ring=1 cfg=2"] for result in results]
-    assert [lay["cfg_rank"] for lay in cfg_uly] == [0, 0, 1, 1]
-    assert [lay["sp_ranks"] for lay in cfg_uly] == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    assert [lay["cfg_ranks"] for lay in cfg_uly] == [[0, 2], [1, 3], [0, 2], [1, 3]]
-    assert [lay["cfg_group_size"] for lay in cfg_uly] == [2, 2, 2, 2]
-    cfg_ring = [result["layouts"]["ulysses=1 ring=2 cfg=2"] for result in results]
-    assert [lay["ring_ranks"] for lay in cfg_ring] == [[0, 1], [0, 1], [2, 3], [2, 3]]
-    assert "ring=2" in cfg_ring[0]["repr"] and "cfg=2" in cfg_ring[0]["repr"]
-    for result in results:
-        comm = result["comm"]
-        assert comm["ulysses=4 ring=1 cfg=1"]["calls"] == {"all_to_all": 2}
-        assert comm["ulysses=4 ring=1 cfg=1"]["bytes_sent"] == _expected_comm_bytes(4, 1, 13)
-        assert comm["ulysses=1 ring=4 cfg=1"]["calls"] == {"p2p": 3}
-        assert comm["ulysses=1 ring=4 cfg=1"]["bytes_sent"] == _expected_comm_bytes(1, 4, 13)
-        assert comm["ulysses=2 ring=2 cfg=1"]["calls"] == {"all_to_all": 2, "p2p": 1}
-        assert comm["ulysses=2 ring=2 cfg=1"]["bytes_sent"] == _expected_comm_bytes(2, 2, 13)
+@pytest.mark.distributed
+def test_parallel_groups_reject_degrees_that_do_not_multiply_to_the_world(spawned):
+    assert "1 * 1 * 3 = 3, but the world size is 2" in spawned[2].case("degree_error")[0]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size, case", world_cases(ATTENTION_CASES))
+def test_joint_attention(spawned, world_size, case):
+    # CALLS_PER_CASE calls with fresh inputs, every one checked on every rank: a collective read before it completes
+    # shows up as a random bad call.
+    failures = []
+    for rank, records in enumerate(spawned[world_size].case(case)):
+        assert [record["call"] for record in records] == list(range(CALLS_PER_CASE)), f"rank {rank}: calls missing"
+        for record in records:
+            ok = (
+                record["finite"]
+                and record["txt_diff"] <= TOL
+                and record["img_diff"] <= TOL
+                and record["txt_shape"] == (BATCH, TXT_LEN, HEADS, HEAD_DIM)
+                and record["img_shape"] == record["expected_img_shape"]
+            )
+            if not ok:
+                failures.append(f"rank {rank}/{world_size} {record}")
+    assert not failures, f"{len(failures)} mismatching calls:\n" + "\n".join(failures)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size, mesh", world_cases(_by_world(COMMUNICATION)))
+def test_communication_of_one_call(spawned, world_size, mesh):
+    calls, bytes_sent = COMMUNICATION[(world_size, mesh)]
+    for rank, comm in enumerate(spawned[world_size].case(f"comm-{mesh}")):
+        assert comm["calls"] == calls, f"rank {rank}: {comm}"
+        if bytes_sent is not None:
+            assert comm["bytes_sent"] == bytes_sent, f"rank {rank}: {comm}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size, mesh", world_cases(_by_world(LAYOUTS)))
+def test_group_layout(spawned, world_size, mesh):
+    layouts = spawned[world_size].case(f"layout-{mesh}")
+    for name, per_rank in LAYOUTS[(world_size, mesh)].items():
+        assert [layout[name] for layout in layouts] == per_rank, name
+    for part in LAYOUT_REPRS.get((world_size, mesh), []):
+        assert part in layouts[0]["repr"], layouts[0]["repr"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -297,7 +357,8 @@ def _sleep_forever(rank: int, world_size: int) -> None:
     time.sleep(10_000)
 
 
-def test_run_distributed_error_and_timeout():
+@pytest.mark.distributed
+def test_run_distributed_reraises_a_rank_error():
     start = time.monotonic()
     with pytest.raises(DistributedProcessError, match="deliberate failure on rank 1") as info:
         run_distributed(_raise_on_rank1, 2, timeout=60.0)
@@ -305,6 +366,9 @@ def test_run_distributed_error_and_timeout():
     assert "Traceback" in info.value.traceback_text
     assert time.monotonic() - start < 55.0
 
+
+@pytest.mark.distributed
+def test_run_distributed_timeout():
     start = time.monotonic()
     with pytest.raises(TimeoutError, match="did not finish within"):
         run_distributed(_sleep_forever, 2, timeout=3.0)
@@ -327,7 +391,7 @@ def _sdpa_with_lse(query, key, value, key_mask=None):
     return out, lse
 
 
-@pytest.mark.parametrize("backend", ["math", "cpu_flash", "auto"])
+@pytest.mark.parametrize("backend", ["math", "_native_flash", "auto"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_with_lse_matches_sdpa(backend, masked):
     generator = torch.Generator().manual_seed(0)
@@ -347,7 +411,7 @@ def test_attention_with_lse_matches_sdpa(backend, masked):
     assert _max_diff(lse, ref_lse) <= TOL
 
 
-@pytest.mark.parametrize("backend", ["math", "cpu_flash"])
+@pytest.mark.parametrize("backend", ["math", "_native_flash"])
 def test_attention_with_lse_bf16_and_scale(backend):
     generator = torch.Generator().manual_seed(1)
     query, key, value = (torch.randn(1, 7, 2, 32, generator=generator) for _ in range(3))
@@ -357,7 +421,7 @@ def test_attention_with_lse_bf16_and_scale(backend):
     assert _max_diff(out, ref) < 3e-2
 
 
-@pytest.mark.parametrize("backend", ["math", "cpu_flash", "auto"])
+@pytest.mark.parametrize("backend", ["math", "_native_flash", "auto"])
 def test_fully_masked_rows_give_zero_and_minus_inf(backend):
     generator = torch.Generator().manual_seed(2)
     query = torch.randn(2, 4, 2, 8, generator=generator)
@@ -374,7 +438,7 @@ def test_fully_masked_rows_give_zero_and_minus_inf(backend):
     assert (empty_out == 0).all() and torch.isneginf(empty_lse).all()
 
 
-@pytest.mark.parametrize("backend", ["math", "cpu_flash"])
+@pytest.mark.parametrize("backend", ["math", "_native_flash"])
 def test_merge_of_two_halves_equals_whole(backend):
     generator = torch.Generator().manual_seed(3)
     query = torch.randn(2, 5, 3, 8, generator=generator)
@@ -402,11 +466,14 @@ def test_merge_of_two_halves_equals_whole(backend):
 def test_attention_backend_errors():
     query = torch.randn(1, 3, 2, 8)
     mask = torch.ones(1, 3, dtype=torch.bool)
-    with pytest.raises(ValueError, match="Unknown attention backend 'nope'"):
+    with pytest.raises(ValueError, match="attention backend='nope' is unknown"):
         attention_with_lse(query, query, query, backend="nope")
-    for backend in ("flash", "flash_attn"):
-        with pytest.raises(ValueError, match="takes no mask"):
-            attention_with_lse(query, query, query, key_mask=mask, backend=backend)
+    # The names of earlier releases say which of diffusers' names replaced them.
+    for old, new in (("cpu_flash", "_native_flash"), ("efficient", "_native_efficient"), ("flash_attn", "flash")):
+        with pytest.raises(ValueError, match=f"now called '{new}'"):
+            attention_with_lse(query, query, query, backend=old)
+    with pytest.raises(ValueError, match="takes no mask"):  # flash-attn, whether installed or not
+        attention_with_lse(query, query, query, key_mask=mask, backend="flash")
     with pytest.raises(ValueError, match=r"key_mask.*\(1, 3\)"):
         attention_with_lse(query, query, query, key_mask=torch.ones(1, 4, dtype=torch.bool))
 
@@ -449,9 +516,11 @@ def test_parallel_groups_validation_and_shard_bounds(monkeypatch):
     with pytest.raises(ValueError, match="positive integer"):
         ParallelGroups.create(ulysses_degree=0, ring_degree=1)
     # 5 tokens over 4 ranks: chunks of 2 -> [0, 2) [2, 4) [4, 6) [6, 8); rank 2 holds 1 real token, rank 3 none.
-    assert sp_shard_bounds(5, 4, 2) == (4, 6, 2, 8, 1)
+    # (start, end, local_len, padded_len, valid_len, seq_len)
+    assert sp_shard_bounds(5, 4, 2) == (4, 6, 2, 8, 1, 5)
     assert sp_shard_bounds(5, 4, 3).valid_len == 0
-    assert sp_shard_bounds(13, 2, 1) == (7, 14, 7, 14, 6)
+    assert sp_shard_bounds(13, 2, 1) == (7, 14, 7, 14, 6, 13)
+    assert sp_shard_bounds(1, 2, 1).is_sharded and not sp_shard_bounds(7, 1, 0).is_sharded
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node N"):

@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_qwen_sp.testing.multiprocess import DistributedProcessError, run_distributed
+from diffusers_qwen_sp.distributed import DistributedProcessError, run_distributed
+
+from _spawn import Spawn, SpawnedRuns, spawn_fixture
 
 
 COLLECTIVE_TIMEOUT_S = 5.0
@@ -82,6 +84,7 @@ MISMATCHES = {
 
 
 def _mismatched_inputs(rank, world_size):
+    """One spawn for every mismatch case: case name -> what each rank saw; then a matching call and the timeouts."""
     from diffusers_qwen_sp.testing import tiny_pipeline_call_kwargs
 
     pipe = _sp_pipeline()
@@ -94,34 +97,94 @@ def _mismatched_inputs(rank, world_size):
                 kwargs.update(overrides)
             try:
                 pipe(**kwargs)
-                outcomes[name] = "no error"
+                message = "no error"
             except ValueError as error:
-                outcomes[name] = str(error)
-        outcomes["forwards_before"] = forwards[0]
+                message = str(error)
+            outcomes[name] = {"message": message, "forwards_before": forwards[0]}
         # The check leaves the ranks in step: a matching call right after works, whatever seed each rank was given.
         kwargs = tiny_pipeline_call_kwargs("qwen_image")
         kwargs["generator"] = torch.Generator().manual_seed(rank)
         image = pipe(**kwargs).images
-    outcomes["forwards_after"] = forwards[0]
-    outcomes["image"] = image
+    outcomes["matching_call"] = {"forwards_after": forwards[0], "image": image}
     # Subgroups (SP, Ulysses, Ring, CFG on bigger meshes) wait as long as the world, not gloo's default 30 minutes.
-    from diffusers_qwen_sp.distributed import _new_group, collective_timeout
+    from diffusers_qwen_sp.distributed import collective_timeout
+    from diffusers_qwen_sp.distributed.groups import _new_group
 
     outcomes["subgroup_timeout"] = collective_timeout(_new_group([0, 1], world_size + 1))
     return outcomes
 
 
+mismatch_spawn = spawn_fixture(_mismatched_inputs, Spawn(2, timeout=50, collective_timeout=20))
+
+
+@pytest.mark.distributed
 @pytest.mark.timeout(60)
-def test_mismatched_inputs_raise_on_every_rank_before_the_first_step():
-    results = run_distributed(_mismatched_inputs, 2, timeout=50, collective_timeout=20)
-    for rank, outcomes in enumerate(results):
-        for name, (_, message) in MISMATCHES.items():
-            assert message in outcomes[name], f"rank {rank}, {name}: {outcomes[name]}"
-        assert outcomes["forwards_before"] == 0, f"rank {rank} ran the transformer before the error"
-        assert outcomes["forwards_after"] == 4, outcomes["forwards_after"]  # 2 steps x (cond, uncond)
-        assert outcomes["subgroup_timeout"] == 20.0, outcomes["subgroup_timeout"]
+@pytest.mark.parametrize("name", list(MISMATCHES))
+def test_mismatched_inputs_raise_on_every_rank_before_the_first_step(mismatch_spawn, name):
+    message = MISMATCHES[name][1]
+    for rank, outcome in enumerate(mismatch_spawn[2].case(name)):
+        assert message in outcome["message"], f"rank {rank}, {name}: {outcome['message']}"
+        assert outcome["forwards_before"] == 0, f"rank {rank} ran the transformer before the error"
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60)
+def test_a_matching_call_after_mismatches_runs_in_step(mismatch_spawn):
+    results = mismatch_spawn[2].case("matching_call")
+    for outcome in results:
+        assert outcome["forwards_after"] == 4, outcome["forwards_after"]  # 2 steps x (cond, uncond)
     assert torch.isfinite(results[0]["image"]).all()
     assert torch.equal(results[0]["image"], results[1]["image"])  # rank 0's noise on both
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60)
+def test_subgroups_wait_as_long_as_the_world(mismatch_spawn):
+    for rank, timeout in enumerate(mismatch_spawn[2].case("subgroup_timeout")):
+        assert timeout == 20.0, f"rank {rank}: {timeout}"
+
+
+# ---------------------------------------------------------------------------------------------------- the spawn helper
+
+
+def _probe(rank, world_size, folder, fail_on_rank):
+    with (Path(folder) / f"rank{rank}.starts").open("a") as starts:
+        starts.write("x")  # one character per spawn of this rank
+    if rank == fail_on_rank:
+        raise ValueError(f"deliberate failure on rank {rank} before any case")
+    return {"a": rank, "b": 10 * rank}
+
+
+def _starts(folder) -> list[str]:
+    return [(Path(folder) / f"rank{rank}.starts").read_text() for rank in range(2)]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60)
+def test_a_failed_spawn_fails_each_case_with_the_rank_traceback_once_spawned(tmp_path):
+    # What `spawn_fixture` gives each parametrised test: a failure of its own (not a setup error, not a skip) that
+    # carries the failing rank's traceback, from one spawn that is never retried.
+    runs = SpawnedRuns(_probe, [Spawn(2, args=(str(tmp_path), 1), timeout=50)])
+    for case in ("a", "b"):
+        with pytest.raises(pytest.fail.Exception) as info:
+            runs[2].case(case)
+        text = str(info.value)
+        assert "_probe on 2 ranks failed after" in text and f"case {case!r} has no result" in text, text
+        assert "Rank 1 raised an exception" in text and "Traceback (most recent call last)" in text, text
+        assert "ValueError: deliberate failure on rank 1 before any case" in text, text
+    assert runs[2].spawn_count == 1 and _starts(tmp_path) == ["x", "x"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60)
+def test_a_spawn_runs_once_and_a_missing_case_is_named(tmp_path):
+    runs = SpawnedRuns(_probe, [Spawn(2, args=(str(tmp_path), None), timeout=50)])
+    assert runs[2].case("a") == [0, 1] and runs[2].case("b") == [0, 10]  # one entry per rank, in rank order
+    with pytest.raises(pytest.fail.Exception, match=r"rank 0 of _probe on 2 ranks returned no case 'c'; it returned"):
+        runs[2].case("c")
+    assert runs[2].spawn_count == 1 and _starts(tmp_path) == ["x", "x"]
+    with pytest.raises(KeyError, match=r"no Spawn for world size 4; it has \[2\]"):
+        runs[4]
 
 
 def test_describe_argument():
@@ -181,6 +244,7 @@ def _fail_on_rank1(rank, world_size, how, folder):
     return "no error"
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["raises", "dies", "raises and stays"])
 def test_a_failing_rank_stops_the_others_with_a_clear_error(how, tmp_path):
@@ -228,7 +292,7 @@ def _block(rank, world_size, folder):
 _PARENT = """
 import sys
 from test_faults import _block
-from diffusers_qwen_sp.testing.multiprocess import run_distributed
+from diffusers_qwen_sp.distributed import run_distributed
 run_distributed(_block, 2, sys.argv[1], timeout=600)
 """
 
@@ -255,6 +319,8 @@ def _wait_for(condition, within: float, what: str) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_ctrl_c_on_run_distributed_leaves_no_process(tmp_path):
     # SIGINT to the parent alone: only run_distributed's clean-up can stop the ranks, one of them blocked in C++.
@@ -307,6 +373,8 @@ def _is_worker(process) -> bool:
         return False
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_ctrl_c_on_torchrun_leaves_no_worker(tmp_path):
     pytest.importorskip("psutil")
