@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from diffusers_qwen_sp import QwenImageSPTransformer2DModel
-from diffusers_qwen_sp.distributed import run_distributed
 from diffusers_qwen_sp.hooks import SequenceParallelConfig, apply_sequence_parallel
 from diffusers_qwen_sp.testing import tiny_transformer_config
+
+from _spawn import Spawn, spawn_fixture
 
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -68,25 +69,22 @@ def _compile_worker(rank: int, world_size: int) -> dict:
     return results
 
 
-@pytest.fixture(scope="module")
-def compiled() -> list[dict]:
-    # Both ranks compile at once: about a minute on 2 idle cores for inductor.
-    return run_distributed(_compile_worker, 2, timeout=280)
+# Both ranks compile at once: about a minute on 2 idle cores for inductor.
+compiled = spawn_fixture(_compile_worker, Spawn(2, timeout=280))
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_compiled_blocks_equal_eager(compiled: list[dict], case: str) -> None:
-    for rank, results in enumerate(compiled):
-        result = results[case]
+def test_compiled_blocks_equal_eager(compiled, case: str) -> None:
+    for rank, result in enumerate(compiled[2].case(case)):
         assert max(result["vs_single"]) <= TOLERANCE, (rank, result)
         assert max(result["vs_eager"]) <= TOLERANCE, (rank, result)
         assert result["graphs"] >= 1, (rank, result)  # it did compile
 
 
 @pytest.mark.timeout(300)
-def test_ulysses_compiles_whole_and_ring_breaks_only_at_p2p(compiled: list[dict]) -> None:
-    for rank, results in enumerate(compiled):
+def test_ulysses_compiles_whole_and_ring_breaks_only_at_p2p(compiled) -> None:
+    for rank, results in enumerate(compiled[2].per_rank()):
         # fullgraph=True raises on any break, so reaching here proves it; the counters agree
         assert results["ulysses2_fullgraph_inductor"]["graph_breaks"] == [], rank
         breaks = results["ring2_breaks_at_p2p"]["graph_breaks"]

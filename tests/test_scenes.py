@@ -189,6 +189,7 @@ def test_missing_scene_model_says_how_to_train_one(tmp_path) -> None:
         load_scene_pipeline(tmp_path)
 
 
+@pytest.mark.distributed
 def test_teacache_curve_takes_the_same_decisions_with_and_without_sp() -> None:
     # bench-teacache in small: 2 prompts, 8 steps, SP off (1 process) and Ulysses 2 (2 gloo processes).
     settings = CurveSettings(prompts=2, steps=8, thresholds=(0.1, 0.8), world=2, timeout=240)

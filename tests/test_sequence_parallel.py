@@ -2,7 +2,9 @@
 
 Tolerance: max abs diff <= 1e-4 (outputs, images in [0, 1]); the attention merge reorders sums, so bit-equality is not
 expected. Every case calls the model several times and checks each call: a collective read before it completes shows
-up as a random bad call. All cases of one world size run in one spawn.
+up as a random bad call. All cases of one world size run in one spawn (the module-scoped `sp_spawn` fixture, see
+tests/_spawn.py), and each case reports as its own test:
+`test_pipeline_matches_single_process[world4-qwen_image_layered-u2r1cfg2]`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from diffusers_qwen_sp.testing import (
     tiny_transformer_config,
 )
 from diffusers_qwen_sp.distributed import run_distributed
+
+from _spawn import Spawn, spawn_fixture, world_cases
 
 
 TOLERANCE = 1e-4
@@ -57,8 +61,24 @@ TRANSFORMER_CASES = {
 }
 
 
+def _transformer_case_id(name, ulysses, ring):
+    return f"transformer-{name}-u{ulysses}r{ring}"
+
+
+def _image_tokens(name):
+    return sum(f * h * w for f, h, w in TRANSFORMER_CASES[name][1])
+
+
+# world -> [(case id, case name)]
+TRANSFORMER_CASE_IDS = {
+    world: [(_transformer_case_id(name, u, r), name) for name in TRANSFORMER_CASES for u, r in degrees]
+    for world, degrees in DEGREES.items()
+}
+
+
 def _check_transformer(rank, world_size):
-    failures = []
+    """Case id -> {"seen_len": tokens the blocks saw, "diffs": max |diff| of each of 3 calls, "restored": bool}."""
+    results = {}
     for name, (overrides, img_shapes) in TRANSFORMER_CASES.items():
         torch.manual_seed(0)
         model = QwenImageSPTransformer2DModel(**tiny_transformer_config(**overrides)).eval()
@@ -74,18 +94,14 @@ def _check_transformer(rank, world_size):
             for ulysses, ring in DEGREES[world_size]:
                 apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=ulysses, ring_degree=ring))
                 model(**kwargs)
-                image_tokens = sum(f * h * w for f, h, w in img_shapes)
-                if seen_lengths[-1] != -(-image_tokens // world_size):  # the blocks see ceil(S / P) tokens
-                    failures.append(f"{name}: blocks saw {seen_lengths[-1]} of {image_tokens} image tokens")
-                for call in range(3):
-                    diff = (model(**kwargs)[0] - expected).abs().max().item()
-                    if not diff <= TOLERANCE:
-                        failures.append(f"{name} u{ulysses}r{ring} call {call}: {diff}")
+                result = results[_transformer_case_id(name, ulysses, ring)] = {"seen_len": seen_lengths[-1]}
+                result["diffs"] = [(model(**kwargs)[0] - expected).abs().max().item() for call in range(3)]
                 remove_sequence_parallel(model)
-                if get_sequence_parallel_runtime(model) is not None or not torch.equal(model(**kwargs)[0], expected):
-                    failures.append(f"{name} u{ulysses}r{ring}: remove did not restore the unsharded model")
+                result["restored"] = get_sequence_parallel_runtime(model) is None and torch.equal(
+                    model(**kwargs)[0], expected
+                )
             probe.remove()
-    return failures
+    return results
 
 
 # world -> [(cfg, ulysses, ring)] for the pipelines
@@ -122,8 +138,20 @@ def _skip_lists(stats):
     return {branch: (entry["computed"], entry["skipped"]) for branch, entry in stats.items()}
 
 
+def _pipeline_case_id(name, cfg, ulysses, ring):
+    return f"{name}-u{ulysses}r{ring}" + ("cfg2" if cfg > 1 else "")
+
+
+# world -> pipeline case ids
+PIPELINE_CASE_IDS = {
+    world: [_pipeline_case_id(name, *mode) for name in PIPELINE_CALLS for mode in modes]
+    for world, modes in PIPELINE_MODES.items()
+}
+
+
 def _check_pipeline(rank, world_size):
-    failures = []
+    """Case id -> {"diffs": max |diff| of 2 repeats, "teacache_diff", "skips", "expected_skips"}."""
+    results = {}
     with small_reference_images(), torch.no_grad():
         for name, call in PIPELINE_CALLS.items():
             variant = _variant(name)
@@ -136,29 +164,22 @@ def _check_pipeline(rank, world_size):
             expected_cached = _as_tensor(pipe(**cached_call).images)
             expected_skips = _skip_lists(pipe.teacache_stats())
             pipe.disable_teacache()
-            if not any(skipped for _, skipped in expected_skips.values()):
-                failures.append(f"{name}: TeaCache skipped nothing at {TEACACHE}, the SP check would be vacuous")
             for cfg, ulysses, ring in PIPELINE_MODES[world_size]:
-                mode = f"{name} cfg{cfg} u{ulysses} r{ring}"
+                result = results[_pipeline_case_id(name, cfg, ulysses, ring)] = {"expected_skips": expected_skips}
                 pipe.enable_sequence_parallel(cfg_degree=cfg, ulysses_degree=ulysses, ring_degree=ring)
+                result["diffs"] = []
                 for repeat in range(2):
                     kwargs = tiny_pipeline_call_kwargs(variant, **call)
                     # A different seed on every rank: the pipeline must still denoise rank 0's noise everywhere.
                     kwargs["generator"] = torch.Generator().manual_seed(0 if rank == 0 else 1000 + rank)
-                    diff = (_as_tensor(pipe(**kwargs).images) - expected).abs().max().item()
-                    if not diff <= TOLERANCE:
-                        failures.append(f"{mode} call {repeat}: {diff}")
+                    result["diffs"].append((_as_tensor(pipe(**kwargs).images) - expected).abs().max().item())
                 pipe.enable_teacache(**TEACACHE)
                 cached = _as_tensor(pipe(**tiny_pipeline_call_kwargs(variant, **call, num_inference_steps=TEACACHE_STEPS)).images)
-                diff = (cached - expected_cached).abs().max().item()
-                if not diff <= TOLERANCE:
-                    failures.append(f"{mode} TeaCache: {diff}")
-                skips = _skip_lists(pipe.teacache_stats())  # merged over the CFG ranks under CFG parallel
-                if skips != expected_skips:
-                    failures.append(f"{mode} TeaCache skip lists {skips} != single process {expected_skips}")
+                result["teacache_diff"] = (cached - expected_cached).abs().max().item()
+                result["skips"] = _skip_lists(pipe.teacache_stats())  # merged over the CFG ranks under CFG parallel
                 pipe.disable_teacache()
                 pipe.disable_sequence_parallel()
-    return failures
+    return results
 
 
 def _as_tensor(images):
@@ -166,14 +187,50 @@ def _as_tensor(images):
 
 
 def _run_all(rank, world_size):
-    return _check_transformer(rank, world_size) + _check_pipeline(rank, world_size)
+    return {**_check_transformer(rank, world_size), **_check_pipeline(rank, world_size)}
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_sequence_parallel_matches_single_process(world_size):
-    results = run_distributed(_run_all, world_size, timeout=400)
-    for rank, failures in enumerate(results):
-        assert failures == [], f"rank {rank}: {failures}"
+# Each spawn takes about 60-100 s on 2 busy cores; the first test of a world size pays for it (hence timeout 450).
+sp_spawn = spawn_fixture(_run_all, Spawn(2, timeout=400), Spawn(4, timeout=400))
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(450)
+@pytest.mark.parametrize(
+    "world_size, case", world_cases({world: [case for case, _ in ids] for world, ids in TRANSFORMER_CASE_IDS.items()})
+)
+def test_transformer_matches_single_process(sp_spawn, world_size, case):
+    name = dict(TRANSFORMER_CASE_IDS[world_size])[case]
+    image_tokens = _image_tokens(name)
+    for rank, result in enumerate(sp_spawn[world_size].case(case)):
+        # the blocks see ceil(S / P) tokens
+        assert result["seen_len"] == -(-image_tokens // world_size), (
+            f"rank {rank}: blocks saw {result['seen_len']} of {image_tokens} image tokens"
+        )
+        for call, diff in enumerate(result["diffs"]):
+            assert diff <= TOLERANCE, f"rank {rank} call {call}: {diff}"
+        assert len(result["diffs"]) == 3, f"rank {rank}: {result}"
+        assert result["restored"], f"rank {rank}: remove did not restore the unsharded model"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(450)
+@pytest.mark.parametrize("world_size, case", world_cases(PIPELINE_CASE_IDS))
+def test_pipeline_matches_single_process(sp_spawn, world_size, case):
+    for rank, result in enumerate(sp_spawn[world_size].case(case)):
+        expected_skips = result["expected_skips"]
+        assert any(skipped for _, skipped in expected_skips.values()), (
+            f"rank {rank}: TeaCache skipped nothing at {TEACACHE}, the SP check would be vacuous: {expected_skips}"
+        )
+        for repeat, diff in enumerate(result["diffs"]):
+            assert diff <= TOLERANCE, f"rank {rank} call {repeat}: {diff}"
+        assert len(result["diffs"]) == 2, f"rank {rank}: {result}"
+        assert result["teacache_diff"] <= TOLERANCE, f"rank {rank} TeaCache: {result['teacache_diff']}"
+        assert result["skips"] == expected_skips, (
+            f"rank {rank}: TeaCache skip lists {result['skips']} != single process {expected_skips}"
+        )
 
 
 def test_config_validation():
@@ -185,8 +242,17 @@ def test_config_validation():
         SequenceParallelConfig(attention_backend="fast")
 
 
+# case -> what rank 0's error message must contain
+ERROR_MESSAGES = {
+    "product": "= 4, but the world size is 2",
+    "heads": "ulysses_degree=2 does not divide the 3 attention heads",
+    "diffusers_cp": "enable_parallelism",
+    "cfg_unknown": "does not know whether this call does true CFG",
+}
+
+
 def _errors(rank, world_size):
-    messages = {}
+    messages = dict.fromkeys(ERROR_MESSAGES, "no error was raised")
     torch.manual_seed(0)
     model = QwenImageSPTransformer2DModel(**tiny_transformer_config())  # 4 heads
     for name, config in {
@@ -227,25 +293,40 @@ def _cfg_parallel_duplicate_warning(rank, world_size):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("diffusers_qwen_sp.hooks.cfg_parallel").addHandler(handler)
-    pipe = build_tiny_pipeline("qwen_image", pipeline_cls=sp_pipeline_class("qwen_image"))
-    pipe.enable_sequence_parallel(cfg_degree=2)
-    with torch.no_grad():
-        for _ in range(2):  # two calls, 2 steps each: told once
-            pipe(**tiny_pipeline_call_kwargs("qwen_image", prompt="a red cat", true_cfg_scale=1.0))
+    logger = logging.getLogger("diffusers_qwen_sp.hooks.cfg_parallel")
+    logger.addHandler(handler)
+    try:
+        pipe = build_tiny_pipeline("qwen_image", pipeline_cls=sp_pipeline_class("qwen_image"))
+        pipe.enable_sequence_parallel(cfg_degree=2)
+        with torch.no_grad():
+            for _ in range(2):  # two calls, 2 steps each: told once
+                pipe(**tiny_pipeline_call_kwargs("qwen_image", prompt="a red cat", true_cfg_scale=1.0))
+        pipe.disable_sequence_parallel()
+    finally:
+        logger.removeHandler(handler)
     return [record.getMessage() for record in records]
 
 
-def test_clear_errors_under_a_launcher():
-    warnings = run_distributed(_cfg_parallel_duplicate_warning, 2, timeout=120)
-    # Told once, by rank 0 (diffusers' loggers speak on rank 0 only under torch.distributed).
-    assert len(warnings[0]) == 1 and "batch of 1 does not split" in warnings[0][0], warnings
-    assert warnings[1] == [], warnings
-    messages = run_distributed(_errors, 2, timeout=120)[0]
-    assert "= 4, but the world size is 2" in messages["product"]
-    assert "ulysses_degree=2 does not divide the 3 attention heads" in messages["heads"]
-    assert "enable_parallelism" in messages["diffusers_cp"]
-    assert "does not know whether this call does true CFG" in messages["cfg_unknown"]
+def _launcher_errors(rank, world_size):
+    """The duplicate-batch warning first, then the errors: case id -> this rank's warnings or error message."""
+    return {"cfg_warning": _cfg_parallel_duplicate_warning(rank, world_size), **_errors(rank, world_size)}
+
+
+# One spawn for the warning and the errors, each case its own test.
+launcher_errors = spawn_fixture(_launcher_errors, Spawn(2, timeout=240))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size, case", world_cases({2: ["cfg_warning", *ERROR_MESSAGES]}))
+def test_clear_errors_under_a_launcher(launcher_errors, world_size, case):
+    per_rank = launcher_errors[world_size].case(case)
+    if case == "cfg_warning":
+        warnings = per_rank
+        # Told once, by rank 0 (diffusers' loggers speak on rank 0 only under torch.distributed).
+        assert len(warnings[0]) == 1 and "batch of 1 does not split" in warnings[0][0], warnings
+        assert warnings[1] == [], warnings
+    else:
+        assert ERROR_MESSAGES[case] in per_rank[0], per_rank
 
 
 def test_no_launcher_environment(monkeypatch):
@@ -264,6 +345,7 @@ def _cli_generate(rank, world_size, folder):
     return code
 
 
+@pytest.mark.distributed
 def test_cli_under_a_launcher_matches_single_process(tmp_path, capsys):
     from PIL import Image
 

@@ -29,6 +29,8 @@ from diffusers_qwen_sp.pipelines import QwenImageSPPipeline
 from diffusers_qwen_sp.teacache_calibration import calibrate_teacache, format_coefficients
 from diffusers_qwen_sp.testing import build_tiny_pipeline, tiny_pipeline_call_kwargs, tiny_transformer_config
 
+from _spawn import Spawn, spawn_fixture, world_cases
+
 
 STEPS = 10
 # On the tiny model each of 10 steps changes the indicator by rel ~0.06-0.09, i.e. |poly(rel)| ~0.065-0.077 with the
@@ -575,8 +577,19 @@ def _sp_transformer(variant: str) -> QwenImageSPTransformer2DModel:
     return QwenImageSPTransformer2DModel(**tiny_transformer_config(variant)).eval()
 
 
+def _sp_case_id(variant: str, ulysses: int, ring: int, cfg: int) -> str:
+    return f"{variant}-u{ulysses}r{ring}" + ("cfg2" if cfg > 1 else "")
+
+
+def _hook_order(module: torch.nn.Module) -> list[str]:
+    registry = getattr(module, "_diffusers_hook", None)
+    return list(registry._hook_order) if registry is not None else []
+
+
 def _sp_teacache_worker(rank: int, world_size: int, cases: list[tuple[int, int, int]]) -> dict:
-    from diffusers_qwen_sp.hooks.cfg_parallel import CFG_PARALLEL_HOOK, apply_cfg_parallel, get_cfg_parallel_hook
+    """Case id -> this rank's numbers: `{variant}-reference` the single-process run, `{variant}-u{u}r{r}[cfg2]` an SP
+    run with where its hooks sat."""
+    from diffusers_qwen_sp.hooks.cfg_parallel import apply_cfg_parallel, get_cfg_parallel_hook
     from diffusers_qwen_sp.hooks.sequence_parallel import SequenceParallelConfig, apply_sequence_parallel
 
     results = {}
@@ -584,7 +597,8 @@ def _sp_teacache_worker(rank: int, world_size: int, cases: list[tuple[int, int, 
         # The single-process reference, on every rank (no collective involved).
         transformer = _sp_transformer(variant)
         apply_teacache(transformer, TeaCacheConfig(threshold=SP_THRESHOLD))
-        results[("single", variant)] = _sp_denoise(transformer, variant)
+        predictions, stats = _sp_denoise(transformer, variant)
+        results[f"{variant}-reference"] = {"predictions": predictions, "stats": stats}
         for index, (ulysses, ring, cfg) in enumerate(cases):
             transformer = _sp_transformer(variant)
             config = SequenceParallelConfig(ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg)
@@ -601,54 +615,72 @@ def _sp_teacache_worker(rank: int, world_size: int, cases: list[tuple[int, int, 
                 apply_teacache(transformer, TeaCacheConfig(threshold=SP_THRESHOLD))
             if cfg > 1:
                 get_cfg_parallel_hook(transformer).true_cfg = True  # a hand-written loop with both branches
-            root = getattr(transformer, "_diffusers_hook", None)
-            assert (root._hook_order if root is not None else []) == ([CFG_PARALLEL_HOOK] if cfg > 1 else [])
-            assert transformer.blocks_stage._diffusers_hook._hook_order == [TEACACHE_HOOK]
-            results[((ulysses, ring, cfg), variant)] = _sp_denoise(transformer, variant)
+            result = results[_sp_case_id(variant, ulysses, ring, cfg)] = {
+                "root_hook_order": _hook_order(transformer),
+                "blocks_stage_hook_order": _hook_order(transformer.blocks_stage),
+            }
+            result["predictions"], result["stats"] = _sp_denoise(transformer, variant)
             remove_teacache(transformer)
-            assert get_teacache_hook(transformer) is None
+            result["removed"] = get_teacache_hook(transformer) is None
     return results
 
 
-def _check_sp_teacache(world_size: int, cases: list[tuple[int, int, int]]) -> None:
-    from diffusers_qwen_sp.distributed import run_distributed
+# world size -> (ulysses, ring, cfg) per case; all cases of one world size run in one spawn.
+SP_MESHES = {2: [(2, 1, 1), (1, 2, 1), (1, 1, 2)], 4: [(4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2)]}
+# world size -> case id -> (variant, mesh)
+SP_CASES = {
+    world: {_sp_case_id(variant, *mesh): (variant, mesh) for variant in SP_VARIANTS for mesh in meshes}
+    for world, meshes in SP_MESHES.items()
+}
 
-    # A rank deciding differently from the others would hang in a collective: the timeout turns that into a failure.
-    per_rank = run_distributed(_sp_teacache_worker, world_size, cases, timeout=120)
+# A rank deciding differently from the others would hang in a collective: the timeout turns that into a failure.
+sp_teacache = spawn_fixture(
+    _sp_teacache_worker,
+    Spawn(2, args=(SP_MESHES[2],), timeout=120),
+    Spawn(4, args=(SP_MESHES[4],), timeout=120),
+)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size, variant", world_cases({world: SP_VARIANTS for world in SP_MESHES}))
+def test_sequence_parallel_teacache_reference(sp_teacache, world_size, variant):
+    reference_stats = sp_teacache[world_size].case(f"{variant}-reference")[0]["stats"]
     coefficients = np.array(QWEN_IMAGE_TEACACHE_COEFFICIENTS)
-    for variant in SP_VARIANTS:
-        reference, reference_stats = per_rank[0][("single", variant)]
-        for branch in ("cond", "uncond"):
-            # the reference skips some steps, and no accumulation is within 1e-3 of the threshold (no rounding flip)
-            assert reference_stats[branch]["skipped"], (variant, reference_stats)
-            accumulated = 0.0
-            for step, rel in sorted(reference_stats[branch]["rel_l1"].items()):
-                accumulated += abs(np.polyval(coefficients, rel))
-                assert abs(accumulated - SP_THRESHOLD) > 1e-3, (variant, branch, step, accumulated)
-                if step in reference_stats[branch]["computed"]:
-                    accumulated = 0.0
-        for rank, results in enumerate(per_rank):
-            for case in cases:
-                predictions, stats = results[(case, variant)]
-                where = f"{variant}, (ulysses, ring, cfg) = {case}, rank {rank}"
-                ulysses, ring, cfg = case
-                # with CFG parallel a rank only ever runs its own branch: CFG rank 0 cond, CFG rank 1 uncond
-                branches = ("cond", "uncond") if cfg == 1 else (("cond", "uncond")[rank // (ulysses * ring)],)
-                assert set(stats) == set(branches), where
-                for branch in branches:
-                    assert stats[branch]["computed"] == reference_stats[branch]["computed"], where
-                    assert stats[branch]["skipped"] == reference_stats[branch]["skipped"], where
-                    # the same numbers, not only the same decisions: SP padding in the sums would shift them by ~1%
-                    assert stats[branch]["rel_l1"] == pytest.approx(reference_stats[branch]["rel_l1"], rel=1e-4), where
-                for step, (got, expected) in enumerate(zip(predictions, reference)):
-                    difference = (got - expected).abs().max().item()
-                    assert difference <= SP_TOL, f"{where}, step {step}: max |diff| {difference}"
+    for branch in ("cond", "uncond"):
+        # the reference skips some steps, and no accumulation is within 1e-3 of the threshold (no rounding flip)
+        assert reference_stats[branch]["skipped"], (variant, reference_stats)
+        accumulated = 0.0
+        for step, rel in sorted(reference_stats[branch]["rel_l1"].items()):
+            accumulated += abs(np.polyval(coefficients, rel))
+            assert abs(accumulated - SP_THRESHOLD) > 1e-3, (variant, branch, step, accumulated)
+            if step in reference_stats[branch]["computed"]:
+                accumulated = 0.0
 
 
-# (ulysses, ring, cfg) per case; all cases of one world size run in one spawn.
-def test_sequence_parallel_teacache_world_2():
-    _check_sp_teacache(2, [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size, case", world_cases(SP_CASES))
+def test_sequence_parallel_teacache(sp_teacache, world_size, case):
+    from diffusers_qwen_sp.hooks.cfg_parallel import CFG_PARALLEL_HOOK
 
-
-def test_sequence_parallel_teacache_world_4():
-    _check_sp_teacache(4, [(4, 1, 1), (1, 4, 1), (2, 2, 1), (2, 1, 2)])
+    variant, (ulysses, ring, cfg) = SP_CASES[world_size][case]
+    reference = sp_teacache[world_size].case(f"{variant}-reference")[0]
+    reference_stats = reference["stats"]
+    for rank, result in enumerate(sp_teacache[world_size].case(case)):
+        predictions, stats = result["predictions"], result["stats"]
+        where = f"{variant}, (ulysses, ring, cfg) = {(ulysses, ring, cfg)}, rank {rank}"
+        # SP hooks sit on submodules, CFG parallel on the root, TeaCache on the blocks stage, whatever the order
+        assert result["root_hook_order"] == ([CFG_PARALLEL_HOOK] if cfg > 1 else []), where
+        assert result["blocks_stage_hook_order"] == [TEACACHE_HOOK], where
+        assert result["removed"], f"{where}: get_teacache_hook after remove_teacache is not None"
+        # with CFG parallel a rank only ever runs its own branch: CFG rank 0 cond, CFG rank 1 uncond
+        branches = ("cond", "uncond") if cfg == 1 else (("cond", "uncond")[rank // (ulysses * ring)],)
+        assert set(stats) == set(branches), where
+        for branch in branches:
+            assert stats[branch]["computed"] == reference_stats[branch]["computed"], where
+            assert stats[branch]["skipped"] == reference_stats[branch]["skipped"], where
+            # the same numbers, not only the same decisions: SP padding in the sums would shift them by ~1%
+            assert stats[branch]["rel_l1"] == pytest.approx(reference_stats[branch]["rel_l1"], rel=1e-4), where
+        assert len(predictions) == len(reference["predictions"]) == SP_STEPS, where
+        for step, (got, expected) in enumerate(zip(predictions, reference["predictions"])):
+            difference = (got - expected).abs().max().item()
+            assert difference <= SP_TOL, f"{where}, step {step}: max |diff| {difference}"
