@@ -1,6 +1,6 @@
 """Benchmark: our sequence parallelism against diffusers' own context parallelism, per forward.
 
-A thin wrapper over `python -m diffusers_qwen_sp bench` (the code is `diffusers_qwen_sp/bench.py`) restricted to the
+A thin wrapper over `python -m diffusers_qwen_sp bench` (the code is `diffusers_qwen_sp/bench/`) restricted to the
 per-forward rows: the stock diffusers forward in one process (the reference), our Ulysses and our Ring, and
 diffusers' `enable_parallelism(config=ContextParallelConfig(ulysses_degree=P))` on the same weights. It keeps this
 script's workload as defaults: 4 layers, 8 heads x 64, 512x768 px = 1536 image tokens, 64 text tokens of which 16 are

@@ -1,8 +1,8 @@
 """Fit TeaCache's rescaling polynomial for a model: run it uncached, record how much block 0's modulated input and the
 transformer output change from step to step, and fit `output change = poly(input change)`.
 
-Library part: [`calibrate_teacache`] and [`format_coefficients`]. Command-line part (wired into
-`python -m diffusers_qwen_sp calibrate-teacache`): [`add_calibrate_arguments`] and [`run_calibrate_command`].
+[`calibrate_teacache`] fits, [`format_coefficients`] writes the result as a `TeaCacheConfig(...)` line; the command
+`python -m diffusers_qwen_sp calibrate-teacache` (`diffusers_qwen_sp/cli/calibrate.py`) runs both.
 """
 
 from __future__ import annotations
@@ -16,13 +16,7 @@ import numpy as np
 import torch
 from diffusers.utils import logging
 
-from .hooks.teacache import (
-    TeaCacheConfig,
-    TeaCacheHook,
-    _get_hook,
-    _register_teacache_hook,
-    remove_teacache,
-)
+from .hooks.teacache import TeaCacheConfig, _apply_teacache, get_teacache_hook, remove_teacache
 
 
 logger = logging.get_logger(__name__)
@@ -122,14 +116,14 @@ def calibrate_teacache(
         if reserved in call_kwargs:
             raise ValueError(f"Pass `{reserved}` through the `calibrate_teacache` arguments, not as a call keyword.")
     transformer = pipe.transformer
-    if _get_hook(transformer) is not None:
+    if get_teacache_hook(transformer) is not None:
         raise RuntimeError(
             "TeaCache is applied to this pipeline's transformer; calibration needs the uncached model. Call "
             "remove_teacache(pipe.transformer) (or pipe.disable_teacache()) first."
         )
 
     # Threshold 0 computes every step (bit-identical to no cache); the hook only records.
-    hook = _register_teacache_hook(transformer, TeaCacheHook(TeaCacheConfig(threshold=0.0), record_outputs=True))
+    hook = _apply_teacache(transformer, TeaCacheConfig(threshold=0.0), record_outputs=True)
     pairs: list[tuple[float, float]] = []
     try:
         for index, prompt in enumerate(prompts):
@@ -149,7 +143,7 @@ def calibrate_teacache(
                 f"{time.perf_counter() - start:.1f} s"
             )
     finally:
-        if _get_hook(transformer) is hook:
+        if get_teacache_hook(transformer) is hook:
             remove_teacache(transformer)
 
     if len(pairs) <= degree:

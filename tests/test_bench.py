@@ -17,7 +17,6 @@ import torch
 from diffusers_qwen_sp.bench import (
     BenchSettings,
     RowSpec,
-    _plot_with_pil,
     add_bench_arguments,
     analytic_bytes_per_forward,
     materialize_random_transformer,
@@ -27,6 +26,7 @@ from diffusers_qwen_sp.bench import (
     run_bench,
     settings_from_args,
 )
+from diffusers_qwen_sp.bench.plot import _plot_with_pil
 
 
 QUICK_ROWS = [

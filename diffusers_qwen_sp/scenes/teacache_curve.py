@@ -18,13 +18,12 @@ threshold) into `--output-dir`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from ..bench import psnr, rotated
-from ..testing.multiprocess import run_distributed
+from ..distributed import run_distributed
 from .grammar import check_image, scene_prompts
 from .model import (
     SCENE_DEFAULT_STEPS,
@@ -45,10 +44,9 @@ from .model import (
 
 __all__ = [
     "CurveSettings",
-    "add_curve_arguments",
     "markdown_curve",
     "run_curve",
-    "run_curve_command",
+    "write_curve_outputs",
     "write_grid",
 ]
 
@@ -268,36 +266,11 @@ def write_grid(report: dict[str, Any], path: Path, mode: str = "off", rows: int 
     grid.save(path)
 
 
-def add_curve_arguments(parser: argparse.ArgumentParser) -> None:
-    r"""Add the options of `python -m diffusers_qwen_sp bench-teacache` (see [`CurveSettings`])."""
-    defaults = CurveSettings.__dataclass_fields__
-    parser.add_argument("--output-dir", default="bench-results", help="default: bench-results/")
-    parser.add_argument("--model", default=None, help="scene-model folder (default: the shipped weights)")
-    parser.add_argument("--thresholds", type=float, nargs="+", default=None,
-                        help=f"default: {' '.join(map(str, defaults['thresholds'].default))}")
-    for name in ("prompts", "steps", "world", "threads", "seed"):
-        parser.add_argument(f"--{name}", type=int, default=None, help=f"default: {defaults[name].default}")
-    parser.add_argument("--cfg-scale", type=float, default=None, help=f"default: {defaults['cfg_scale'].default}")
-    parser.add_argument("--coefficients", type=float, nargs="+", default=None,
-                        help="TeaCache polynomial, highest power first (default: the scene model's)")
-    parser.add_argument("--timeout", type=float, default=None,
-                        help=f"seconds per mode (default: {defaults['timeout'].default:g})")
-
-
-def run_curve_command(args: argparse.Namespace, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    r"""Run `bench-teacache` from parsed arguments: measure and write the files. Returns the report, with the Markdown
-    table under `"table"` and the paths written under `"files"`; `progress` receives a line per stage."""
-    values = {
-        item.name: getattr(args, item.name)
-        for item in fields(CurveSettings)
-        if getattr(args, item.name, None) is not None
-    }
-    for name in ("thresholds", "coefficients"):
-        if name in values:
-            values[name] = tuple(values[name])
-    settings = CurveSettings(**values)
-    report = run_curve(settings, progress=progress)
-    output = Path(args.output_dir)
+def write_curve_outputs(report: dict[str, Any], output_dir: str | Path) -> dict[str, Path]:
+    r"""Write `teacache_curve.json`, `.md` and `.png` (the images of the first prompts) of a [`run_curve`] report into
+    `output_dir`. Adds the Markdown table under `report["table"]` and the paths under `report["files"]`; returns the
+    paths by kind (`"json"`, `"md"`, `"png"`)."""
+    output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_curve(report)
     write_grid(report, output / "teacache_curve.png")
@@ -312,4 +285,4 @@ def run_curve_command(args: argparse.Namespace, progress: Callable[[str], None] 
     (output / "teacache_curve.md").write_text(table)
     report["table"] = table
     report["files"] = {kind: output / f"teacache_curve.{kind}" for kind in ("json", "md", "png")}
-    return report
+    return report["files"]

@@ -6,16 +6,15 @@ weights that ship with the package and finish in well under an hour on 2 CPU cor
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,9 +35,7 @@ from .model import (
 
 __all__ = [
     "SceneTrainingConfig",
-    "add_train_arguments",
     "evaluate_scene_pipeline",
-    "run_train_command",
     "train_scene_model",
 ]
 
@@ -396,25 +393,3 @@ def train_scene_model(
         f"every check {evaluation['faithful']:.0%}"
     )
     return report
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    r"""Add the options of `python -m diffusers_qwen_sp train-scenes` (one per [`SceneTrainingConfig`] field)."""
-    parser.add_argument("--output", default="scene-model", help="folder for the trained pipeline (default: scene-model/)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs one line per stage)")
-    defaults = SceneTrainingConfig()
-    hints = get_type_hints(SceneTrainingConfig)
-    for item in fields(SceneTrainingConfig):
-        default = getattr(defaults, item.name)
-        if hints[item.name] not in (int, float):  # every field is a number today; a new kind needs its own parsing
-            raise TypeError(f"SceneTrainingConfig.{item.name}: no command-line parsing for {hints[item.name]}")
-        parser.add_argument(f"--{item.name.replace('_', '-')}", type=hints[item.name], default=default,
-                            help=f"default: {default}")
-
-
-def run_train_command(args: argparse.Namespace, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    r"""Run `train-scenes` from parsed arguments on every core; `log` receives a line per stage. Returns the report
-    of [`train_scene_model`]."""
-    config = SceneTrainingConfig(**{item.name: getattr(args, item.name) for item in fields(SceneTrainingConfig)})
-    torch.set_num_threads(os.cpu_count() or 1)
-    return train_scene_model(args.output, config, progress=not args.no_progress, log=log)

@@ -1,0 +1,49 @@
+"""Command line: `python -m diffusers_qwen_sp {generate,calibrate-teacache,bench,bench-teacache,train-scenes} ...`
+(also `diffusers-qwen-sp`).
+
+One module per command, each with `register(subparsers)`, which adds the command's parser and sets `func` to the
+function that runs it; [`main`] parses and calls `args.func(args)`. A new command is a module here and an entry in
+`COMMANDS`. Only the command line prints; the library it calls returns its results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import bench, bench_teacache, calibrate, generate, train_scenes
+from ._pipeline import check_image_size, load_pipeline
+
+
+__all__ = ["COMMANDS", "build_parser", "check_image_size", "load_pipeline", "main"]
+
+# The commands, in the order `--help` lists them.
+COMMANDS = (generate, calibrate, bench, bench_teacache, train_scenes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusers-qwen-sp",
+        description="Run the Qwen-Image family with diffusers_qwen_sp. Launch with torchrun or accelerate launch for "
+        "several processes.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
