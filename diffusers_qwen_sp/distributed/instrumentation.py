@@ -104,9 +104,10 @@ def count_communication() -> Iterator[CommunicationStats]:
     r"""
     Count the bytes the torch.distributed collectives of this rank send and receive inside the `with` block.
 
-    Installed around the measured code, never inside it: the collectives and the blocks hold no counter. Nested blocks
-    count in the innermost one only. Use it on eager code (a compiled region runs its collectives without dispatching
-    them through Python).
+    Installed around the measured code, never inside it: the collectives and the blocks hold no counter. It counts
+    every collective of the block, whoever issues it (a pipeline's broadcast of rank 0's inputs included), and nested
+    blocks each count what runs inside them. Use it on eager code (a compiled region runs its collectives without
+    dispatching them through Python).
 
     Example:
 
