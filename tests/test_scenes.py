@@ -144,9 +144,12 @@ def test_our_pipeline_draws_the_same_scene_as_stock(scene_pipe: QwenImagePipelin
     torch.testing.assert_close(mine, stock, atol=1e-5, rtol=0)
 
 
-def test_generate_defaults_to_the_scene_model(tmp_path) -> None:
+def test_generate_defaults_to_the_scene_model(tmp_path, capsys) -> None:
     output = tmp_path / "scene.png"
+    torch.set_num_threads(2)  # the CLI chooses, whatever the process had
     assert cli_main(["generate", "--output", str(output)]) == 0
+    # it says which threads it used: one for the scene model (64 tokens x 128 wide), and set it
+    assert "1 intra-op thread (auto: small work" in capsys.readouterr().out and torch.get_num_threads() == 1
     from PIL import Image
 
     image = np.asarray(Image.open(output).convert("RGB"))

@@ -40,6 +40,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_size: str, defa
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default=None, help="default: this rank's GPU when CUDA is available, else cpu")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="intra-op threads per process on CPU (default: chosen by the size of the work; 1 for "
+                        "small models, whose ops are too small to share)")
     parser.set_defaults(default_size=int(default_size), default_steps=int(default_steps))
 
 
@@ -54,7 +57,8 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cfg-parallel", action="store_true",
                        help="run the two true-CFG branches on two halves of the processes")
     group.add_argument("--attention-backend", default="auto",
-                       help="per-block kernel: auto, math, cpu_flash, flash, efficient, flash_attn")
+                       help="per-block kernel, named as in diffusers: auto, _native_flash (PyTorch's flash, CPU or "
+                       "CUDA), _native_efficient (CUDA), flash (the flash-attn package), math")
     group.add_argument("--timeout", type=float, default=600.0,
                        help="collective timeout in seconds: a dead rank stops the others after this long")
 

@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from ..scenes.model import SCENE_DEFAULT_STEPS, SCENE_IMAGE_SIZE
+from ..threads import ThreadChoice, apply_cpu_threads, choose_cpu_threads
+
+
+class Prepared(NamedTuple):
+    """What [`prepare`] loads and decides for a command that runs one pipeline call."""
+
+    pipe: Any
+    call: dict[str, Any]
+    steps: int
+    scene: bool
+    """Whether the model is a scene model (see [`load_pipeline`])."""
+    threads: ThreadChoice | None
+    """The intra-op threads of a CPU run (None on GPU)."""
 
 
 def is_main_process() -> bool:
@@ -27,6 +40,8 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     else:
         dtype = getattr(torch, args.dtype)
     return device, dtype
+
+
 def load_pipeline(model: str | None, dtype: torch.dtype) -> tuple[Any, bool]:
     r"""Load `model` into our pipeline class for its kind; `None` loads the shipped scene model. Returns
     `(pipe, scene)`, `scene` telling whether it is a scene model (the shipped one or one `train-scenes` wrote), which
@@ -62,9 +77,15 @@ def check_image_size(height: int, width: int, multiple: int) -> None:
             )
 
 
-def prepare(args: argparse.Namespace, sp_config: Any = None) -> tuple[Any, dict[str, Any], int, bool]:
-    r"""Load the pipeline on this rank's device and build the call arguments shared by both commands. Returns
-    `(pipe, call arguments, steps, scene)`, `scene` telling whether it is a scene model (see [`load_pipeline`])."""
+def _image_tokens(pipe: Any, call: dict[str, Any]) -> int:
+    """Image tokens per sample of the call's target (2x2 patches of latent pixels); references come on top."""
+    per_side = pipe.vae_scale_factor * 2
+    return (call.get("height", 1024) // per_side) * (call.get("width", 1024) // per_side)
+
+
+def prepare(args: argparse.Namespace, sp_config: Any = None) -> Prepared:
+    r"""Load the pipeline on this rank's device, build the call arguments shared by the commands and, on CPU, set the
+    intra-op threads by the size of the work (see `diffusers_qwen_sp.threads`)."""
     from PIL import Image
 
     device, dtype = device_and_dtype(args)
@@ -95,4 +116,15 @@ def prepare(args: argparse.Namespace, sp_config: Any = None) -> tuple[Any, dict[
         width = args.width or (SCENE_IMAGE_SIZE if scene else args.default_size)
         check_image_size(height, width, pipe.vae_scale_factor * 2)
         call.update(height=height, width=width)
-    return pipe, call, steps, scene
+    threads = None
+    if device.type == "cpu":
+        config = pipe.transformer.config
+        threads = apply_cpu_threads(
+            choose_cpu_threads(
+                image_tokens=_image_tokens(pipe, call),
+                width=config.num_attention_heads * config.attention_head_dim,
+                requested=args.threads,
+                processes_per_host=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+            )
+        )
+    return Prepared(pipe, call, steps, scene, threads)

@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> Any:
     r"""Run the `calibrate-teacache` command and print coefficients ready for `TeaCacheConfig`."""
     from ..teacache_calibration import DEFAULT_CALIBRATION_PROMPTS, calibrate_teacache, format_coefficients
 
-    pipe, call, steps, scene = prepare(args)
+    pipe, call, steps, scene, _ = prepare(args)
     if args.prompts:
         prompts = list(args.prompts)
     elif scene:

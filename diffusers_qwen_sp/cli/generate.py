@@ -56,7 +56,7 @@ def save_images(images: Any, output: Path) -> list[Path]:
 def run(args: argparse.Namespace) -> list[Path]:
     r"""Run the `generate` command; returns the paths written (on rank 0; other ranks write nothing)."""
     sp_config = sequence_parallel_config(args)
-    pipe, call, steps, scene = prepare(args, sp_config)
+    pipe, call, steps, scene, threads = prepare(args, sp_config)
     if scene:
         from ..scenes import parse_prompt
 
@@ -82,7 +82,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     mode = ""
     if sp_config is not None:
         mode = f" (cfg {sp_config.cfg_degree} x ring {sp_config.ring_degree} x ulysses {sp_config.ulysses_degree})"
-    print(f"{steps} steps{size} in {elapsed:.1f} s{mode}")
+    on = f", {threads}" if threads is not None else ""
+    print(f"{steps} steps{size} in {elapsed:.1f} s{mode}{on}")
     if stats is not None:
         for branch, entry in stats.items():
             print(f"TeaCache {branch}: computed {entry['computed']}, skipped {entry['skipped']}")
