@@ -89,11 +89,15 @@ def markdown_table(report: dict[str, Any]) -> str:
             continue
         cells = [row["name"], str(row["processes"])]
         if forward:
-            cells += [_fmt_s(row.get("per_forward_s")), _fmt_x(row.get("forward_speedup_vs_stock"))]
+            speed_forward = _fmt_x(row.get("forward_speedup_vs_stock"))
+            if row.get("forward_speedup_vs_uncompiled") is not None:
+                speed_forward += f" ({row['forward_speedup_vs_uncompiled']:.2f}x vs {row['uncompiled_row']})"
+            cells += [_fmt_s(row.get("per_forward_s")), speed_forward]
         if image:
             speed_image = _fmt_x(row.get("image_speedup_vs_stock"))
-            if row.get("image_speedup_vs_uncached") is not None:
-                speed_image += f" ({row['image_speedup_vs_uncached']:.2f}x vs {row['uncached_row']})"
+            for versus in ("uncached", "uncompiled"):
+                if row.get(f"image_speedup_vs_{versus}") is not None:
+                    speed_image += f" ({row[f'image_speedup_vs_{versus}']:.2f}x vs {row[f'{versus}_row']})"
             cells += [_fmt_s(row.get("per_image_s")), speed_image]
         if teacache_column:
             teacache = "—"

@@ -151,6 +151,7 @@ def build_report(
     stock_latents = first["rows"][stock["name"]].get("latents")
     uncached_of = {"teacache": next((r for r in report_rows if r["key"] == "ours"), None),
                    "sp-teacache": next((r for r in report_rows if r["key"] == "ulysses"), None)}
+    uncompiled_of = {"compiled": uncached_of["teacache"], "ulysses-compiled": uncached_of["sp-teacache"]}
     for row in report_rows:
         row["forward_speedup_vs_stock"] = _ratio(stock.get("per_forward_s"), row.get("per_forward_s"))
         row["image_speedup_vs_stock"] = _ratio(stock.get("per_image_s"), row.get("per_image_s"))
@@ -175,6 +176,13 @@ def build_report(
             uncached_speedup = _ratio(stock.get("per_image_s"), uncached.get("per_image_s"))
             if uncached_speedup is not None and row.get("ideal_speedup") is not None:
                 row["ideal_image_speedup_vs_stock"] = uncached_speedup * row["ideal_speedup"]
+        uncompiled = uncompiled_of.get(row["key"])
+        if uncompiled is not None:  # what compile_repeated_blocks buys, measured in this run
+            row["uncompiled_row"] = uncompiled["name"]
+            for phase in ("forward", "image"):
+                row[f"{phase}_speedup_vs_uncompiled"] = _ratio(
+                    uncompiled.get(f"per_{phase}_s"), row.get(f"per_{phase}_s")
+                )
         latents = first["rows"][row["name"]].get("latents")
         if latents is not None and stock_latents is not None:
             value = psnr(latents, stock_latents)

@@ -23,6 +23,7 @@ class RowSpec:
     ring: int = 1
     cfg: int = 1
     teacache: float | None = None
+    compiled: bool = False  # `compile_repeated_blocks(fullgraph=True)`, as diffusers documents for Qwen-Image
     per_forward: bool = True
     per_image: bool = True
     unavailable: str = ""
@@ -138,6 +139,13 @@ def plan_rows(settings: BenchSettings, heads: int) -> list[RowSpec]:
         threshold = settings.combined_threshold
         rows.append(RowSpec("sp-teacache", f"ours Ulysses {world} + TeaCache {threshold:g}", "ours", ulysses=world,
                             teacache=threshold, per_forward=False, unavailable=needs_world(ulysses=world)))
+    if "compiled" in want:
+        rows.append(RowSpec("compiled", "ours, no SP, compiled", "ours", compiled=True, per_image=image,
+                            per_forward=forward))
+    if "ulysses-compiled" in want:
+        rows.append(RowSpec("ulysses-compiled", f"ours Ulysses {world}, compiled", "ours", ulysses=world,
+                            compiled=True, per_image=image, per_forward=forward,
+                            unavailable=needs_world(ulysses=world)))
     return [row for row in rows if row.per_forward or row.per_image]
 
 

@@ -165,6 +165,8 @@ class _Runner:
                 )
             if spec.teacache is not None:
                 self.pipe.enable_teacache(TeaCacheConfig(threshold=spec.teacache))
+            if spec.compiled:  # compiles at the first call: the untimed warm-up round
+                self.pipe.transformer.compile_repeated_blocks(fullgraph=True)
             self.transformer = self.pipe.transformer
         self.pipe.set_progress_bar_config(disable=True)
 
@@ -282,9 +284,10 @@ def _bench_worker(rank: int, world: int, settings: BenchSettings, rows: tuple[Ro
                 entry = per_row[runner.spec.name]
                 measure = round_index == 0  # the first warm-up round counts bytes and memory, untimed
                 counted: dict[str, Any] = {}
+                count = measure and not runner.spec.compiled  # compiled collectives do not dispatch through Python
                 with contextlib.ExitStack() as stack:
                     memory = stack.enter_context(PeakMemory(device)) if measure else None
-                    if measure:  # bytes of the transformer's calls only (see _count_bytes)
+                    if count:  # bytes of the transformer's calls only (see _count_bytes)
                         stack.enter_context(_count_bytes(runner.spec.kind, world, runner.transformer, counted))
                     output, elapsed, cpu, error = _timed_call(
                         lambda runner=runner: runner.transformer(**inputs)[0], device
@@ -292,8 +295,9 @@ def _bench_worker(rank: int, world: int, settings: BenchSettings, rows: tuple[Ro
                 if error:
                     runner.error = error
                     continue
-                if measure:
+                if count:
                     entry["forward_bytes"] = counted
+                if measure:
                     entry["forward_memory"] = memory.summary()
                 if runner.spec.key == "stock" and reference is None:  # stock runs first in round 0
                     reference = output.detach().float().clone()
@@ -322,9 +326,10 @@ def _bench_worker(rank: int, world: int, settings: BenchSettings, rows: tuple[Ro
                     return runner.pipe(**call_kwargs, generator=generator)[0]
 
                 counted = {}
+                count = measure and not runner.spec.compiled
                 with contextlib.ExitStack() as stack:
                     memory = stack.enter_context(PeakMemory(device)) if measure else None
-                    if measure:  # bytes of the transformer's calls only (see _count_bytes)
+                    if count:  # bytes of the transformer's calls only (see _count_bytes)
                         stack.enter_context(_count_bytes(runner.spec.kind, world, runner.transformer, counted))
                     output, elapsed, cpu, error = _timed_call(call, device)
                 if error:
@@ -334,8 +339,9 @@ def _bench_worker(rank: int, world: int, settings: BenchSettings, rows: tuple[Ro
                     stats = teacache_stats(runner.transformer)
                     computed = {branch: list(s["computed"]) for branch, s in stats.items()}
                     entry.setdefault("teacache_computed", []).append(computed)
-                if measure:
+                if count:
                     entry["image_bytes"] = counted
+                if measure:
                     entry["image_memory"] = memory.summary()
                     if rank == 0:
                         entry["latents"] = output.detach().float().cpu()
