@@ -69,7 +69,16 @@ class CFGParallelHook(ModelHook):
         self.true_cfg: bool | None = None  # whether the running call does true CFG: set by our pipelines per call
         self._pending: _PendingStep | None = None
         self._warned_duplicate = False
+        self._splitting_batch = False
         self._signature: inspect.Signature | None = None
+
+    @property
+    def batch_split_group(self) -> Any:
+        r"""
+        The CFG group while a call without true CFG runs with its batch split over the CFG ranks, else `None`: then
+        each CFG rank holds part of one batch, and a statistic of the whole batch (TeaCache's) is summed over it.
+        """
+        return self.groups.cfg_group if self._splitting_batch else None
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
         self._signature = inspect.signature(type(module).forward)
@@ -168,8 +177,13 @@ class CFGParallelHook(ModelHook):
             local["controlnet_block_samples"] = [
                 sample[rank * share : (rank + 1) * share] for sample in local["controlnet_block_samples"]
             ]
+        self._splitting_batch = True
+        try:
+            mine = self._run(module, local)
+        finally:
+            self._splitting_batch = False
         # (B/2, S, C) per CFG rank -> (B, S, C), the halves in CFG-rank order
-        return all_gather_dim0(self._run(module, local), self.groups.cfg_group, degree)
+        return all_gather_dim0(mine, self.groups.cfg_group, degree)
 
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.state_manager.reset()

@@ -33,6 +33,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 from diffusers.utils import logging
 
+from .cfg_parallel import get_cfg_parallel_hook
 from .sequence_parallel import get_sequence_parallel_runtime
 
 
@@ -196,6 +197,7 @@ def teacache_decision(
     force_compute: bool = False,
     valid_tokens: int | None = None,
     group: dist.ProcessGroup | None = None,
+    batch_group: dist.ProcessGroup | None = None,
 ) -> TeaCacheDecision:
     r"""
     Decide whether to compute this step or to reuse the cache. The only place TeaCache decides anything.
@@ -214,6 +216,8 @@ def teacache_decision(
         valid_tokens (`int`, *optional*): only the first `valid_tokens` tokens of `S` are real; the rest is SP
             padding and is left out of the sums. Default: all.
         group (`ProcessGroup`, *optional*): the SP group to all-reduce the two sums over (never the CFG ranks).
+        batch_group (`ProcessGroup`, *optional*): the ranks holding the other parts of the batch (the CFG group when
+            a call without true CFG splits its batch over it), summed over after `group`.
 
     Returns:
         [`TeaCacheDecision`]
@@ -230,6 +234,9 @@ def teacache_decision(
     if group is not None:
         # (2,) partial sums of every rank -> (2,) totals of the whole image sequence, identical on all ranks
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+    if batch_group is not None:
+        # (2,) totals of this part of the batch -> (2,) totals of the whole batch, as one process computes them
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=batch_group)
     difference, norm = sums.tolist()
     if norm > 0:
         rel_l1 = difference / norm
@@ -389,11 +396,15 @@ class TeaCacheHook(ModelHook):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         state, step, num_steps = self._branch_state(_input_key(inputs))
 
-        # Under SP `inputs.hidden_states` is this rank's chunk of the zero-padded image sequence.
+        # Under SP `inputs.hidden_states` is this rank's chunk of the zero-padded image sequence; under CFG parallel
+        # without true CFG, this rank's part of the batch. The decision is the one of the whole sequence and batch.
+        transformer = self._transformer()
         valid_tokens, group = None, None
         if inputs.image_shard.is_sharded:
-            runtime = get_sequence_parallel_runtime(self._transformer())
+            runtime = get_sequence_parallel_runtime(transformer)
             valid_tokens, group = inputs.image_shard.valid_len, runtime.groups.sp_group
+        cfg_hook = get_cfg_parallel_hook(transformer)
+        batch_group = cfg_hook.batch_split_group if cfg_hook is not None else None
 
         with torch.no_grad():
             indicator = teacache_indicator(module.blocks[0], inputs)
@@ -407,6 +418,7 @@ class TeaCacheHook(ModelHook):
                 force_compute=force,
                 valid_tokens=valid_tokens,
                 group=group,
+                batch_group=batch_group,
             )
         state.previous_indicator = indicator
         state.accumulated = decision.accumulated

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from math import prod
@@ -309,7 +311,9 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
         r"""
         Convert a stock `QwenImageTransformer2DModel` without copying its weights.
 
-        The returned model shares every parameter tensor with `transformer` (same storage, device and dtype).
+        The returned model holds the very parameter and buffer objects of `transformer` (same storage, device, dtype,
+        tensor type and `requires_grad`), so weights quantized with torchao's `quantize_` (tensor subclasses such as
+        `Int8Tensor` or `Float8Tensor`) stay quantized, and frozen weights stay frozen.
 
         Args:
             transformer (`QwenImageTransformer2DModel`): the stock model; returned as is if already converted.
@@ -323,8 +327,22 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
             )
         with torch.device("meta"):
             converted = cls.from_config(transformer.config)
-        # assign=True adopts the stock tensors themselves: no copy, same device and dtype.
-        converted.load_state_dict(transformer.state_dict(), strict=True, assign=True)
+        # LoRA layers loaded before the conversion have no place in a freshly built model: adopt them as they are.
+        _adopt_peft_layers(transformer, converted)
+        # assign=True with keep_vars=True adopts the stock parameters themselves: no copy, and their own tensor type
+        # (a torchao subclass stays one). `assign` sets `requires_grad` from the meta parameter it replaces, which is
+        # True: copy the stock flags first, or quantized and frozen weights would come back trainable.
+        stock_parameters = dict(transformer.named_parameters())
+        for name, parameter in converted.named_parameters():
+            parameter.requires_grad_(stock_parameters[name].requires_grad)
+        converted.load_state_dict(transformer.state_dict(keep_vars=True), strict=True, assign=True)
+        # torchao's `quantize_` shows the weight type in a per-instance `extra_repr` (`weight=Int8Tensor(...)`);
+        # carry it over so that `print(transformer)` still shows what is quantized.
+        stock_modules = dict(transformer.named_modules())
+        for name, module in converted.named_modules():
+            extra_repr = vars(stock_modules[name]).get("extra_repr") if name in stock_modules else None
+            if isinstance(extra_repr, types.MethodType):
+                module.extra_repr = types.MethodType(extra_repr.__func__, module)
         converted.train(transformer.training)
         # Processors (e.g. a user's custom attention processor) carry over per block.
         converted.set_attn_processor(transformer.attn_processors)
@@ -534,6 +552,30 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
         if not return_dict:
             return (output,)
         return Transformer2DModelOutput(sample=output)
+
+
+def _adopt_peft_layers(source: nn.Module, target: nn.Module) -> None:
+    r"""
+    Move the PEFT tuner layers of `source` (e.g. `lora.Linear` wrappers that `load_lora_weights` put around its
+    linears) to the same paths of `target`, with the adapters' config.
+
+    A LoRA wrapper's parameters (`base_layer.weight`, `lora_A.<adapter>.weight`...) have no place in a freshly built
+    model, so loading the state dict alone fails; and diffusers' `set_adapters`, `fuse_lora`, `unload_lora_weights`
+    find the adapters through the wrappers and `peft_config`. Any tuner layer at any path is adopted, whatever it
+    wraps.
+    """
+    if "peft" not in sys.modules:  # no module holds tuner layers before peft is imported; importing it costs seconds
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adopted: list[str] = []
+    for name, module in source.named_modules():
+        if isinstance(module, BaseTunerLayer) and not any(name.startswith(f"{outer}.") for outer in adopted):
+            target.set_submodule(name, module)  # the outermost tuner layer, with the base layer it wraps
+            adopted.append(name)
+    for attribute in ("peft_config", "_hf_peft_config_loaded"):
+        if attribute in vars(source):
+            setattr(target, attribute, getattr(source, attribute))
 
 
 def check_qwen_image_config(config: dict[str, Any], source: str) -> None:

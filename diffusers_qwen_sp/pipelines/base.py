@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
 import numbers
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from diffusers.hooks.group_offloading import _get_group_onload_device
 from diffusers.utils import logging
+from diffusers.utils.torch_utils import get_device
 
 from ..distributed import broadcast_from_rank0, check_same_across_ranks, collective_timeout, is_collective_failure
 from ..hooks.cfg_parallel import apply_cfg_parallel, get_cfg_parallel_hook, remove_cfg_parallel
@@ -32,6 +36,16 @@ STOCK_TRANSFORMER_CLASS_NAME = "QwenImageTransformer2DModel"
 
 
 logger = logging.get_logger(__name__)
+
+# Why sequential offload is refused under parallelism, and what to use instead (README "what composes with what").
+SEQUENTIAL_OFFLOAD_UNSUPPORTED = (
+    "enable_sequential_cpu_offload (or a device_map that spreads the transformer: accelerate hooks that move every "
+    "layer's weights in from the CPU or meta device on each call) is not supported together with sequence/CFG "
+    "parallelism in diffusers_qwen_sp. For the same memory profile use leaf-level group offloading, which composes "
+    "with it: pipe.enable_group_offload(onload_device=torch.device('cuda'), offload_type='leaf_level') (add "
+    "use_stream=True to overlap transfers), or pipe.enable_model_cpu_offload() for whole-model offloading. Remove "
+    "the sequential offload first with pipe.remove_all_hooks()."
+)
 
 
 # Call arguments every rank must pass alike under SP / CFG parallel: they decide the sequence of collectives (steps,
@@ -87,6 +101,29 @@ def stock_parent(pipeline_cls: type) -> type:
     return next(cls for cls in pipeline_cls.__mro__ if cls.__module__.startswith("diffusers.pipelines."))
 
 
+def _refuse_hooks_lost_in_conversion(transformer: torch.nn.Module) -> None:
+    r"""
+    Raise a `ValueError` when a stock transformer carries hooks (offloading, caches) that converting it to a
+    [`QwenImageSPTransformer2DModel`] would drop: the conversion builds new modules around the same weights.
+    """
+    found = []
+    for module_name, module in transformer.named_modules():
+        where = module_name or "the root"
+        registry = getattr(module, "_diffusers_hook", None)
+        found += [f"{hook_name!r} on {where}" for hook_name in getattr(registry, "hooks", {})]
+        if getattr(module, "_hf_hook", None) is not None:
+            found.append(f"accelerate {type(module._hf_hook).__name__} on {where}")
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ValueError(
+            f"The {type(transformer).__name__} given carries hooks ({shown}) that converting it to "
+            "QwenImageSPTransformer2DModel would silently drop. Hand the transformer over without them and enable "
+            "offloading or caches on the pipeline afterwards (pipe.enable_model_cpu_offload(), "
+            "pipe.enable_group_offload(...), pipe.transformer.enable_cache(...)), or load it with "
+            "QwenImageSPTransformer2DModel.from_pretrained(...) so that no conversion is needed."
+        )
+
+
 class QwenImageSPPipelineMixin:
     r"""
     Mixin for the thin subclasses of diffusers' Qwen-Image pipelines.
@@ -102,6 +139,8 @@ class QwenImageSPPipelineMixin:
       `enable_teacache` / `disable_teacache` / `teacache_stats`. Under parallelism every rank denoises rank 0's noise
       and prompt embeddings, the call arguments are checked to agree across ranks before the first step, and a failed
       peer ends every rank with an error that says so.
+    - `enable_model_cpu_offload` and group offloading compose with sequence and CFG parallelism in either order, each
+      rank offloading to its own device; `enable_sequential_cpu_offload` under parallelism is refused.
     """
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -119,6 +158,7 @@ class QwenImageSPPipelineMixin:
     def __setattr__(self, name: str, value: Any) -> None:
         # The stock constructors set the transformer through `register_modules` -> `setattr`: one place converts it.
         if name == "transformer" and value is not None and not isinstance(value, QwenImageSPTransformer2DModel):
+            _refuse_hooks_lost_in_conversion(value)
             value = QwenImageSPTransformer2DModel.from_transformer(value)
         super().__setattr__(name, value)
         if name == "transformer" and value is not None and "transformer" in getattr(self, "_internal_dict", {}):
@@ -153,6 +193,10 @@ class QwenImageSPPipelineMixin:
         CUDA, gloo on CPU), moves a CUDA pipeline to this rank's GPU, and makes every rank denoise the same inputs:
         the initial noise and the prompt embeddings of rank 0 are broadcast, whatever seeds the ranks were given.
 
+        Composes with `enable_model_cpu_offload` and group offloading, called before or after it: each rank offloads
+        to its own GPU (see [`~QwenImageSPPipelineMixin.enable_model_cpu_offload`]). `enable_sequential_cpu_offload`
+        is refused (`ValueError`): use leaf-level group offloading instead.
+
         Args:
             config ([`SequenceParallelConfig`], *optional*): the degrees; or pass its fields as keyword arguments.
                 Default: Ulysses over all processes.
@@ -171,18 +215,29 @@ class QwenImageSPPipelineMixin:
             raise ValueError(f"Pass either `config` or keyword arguments, not both (got config and {sorted(kwargs)}).")
         if config is None and kwargs:
             config = SequenceParallelConfig(**kwargs)
-        runtime = apply_sequence_parallel(self.transformer, config)
-        if runtime.config.cfg_degree > 1:
-            apply_cfg_parallel(self.transformer, runtime.groups)
-        if self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
+        if self._accelerate_offload() == "sequential":  # raised alike on every rank, before any collective
+            raise ValueError(SEQUENTIAL_OFFLOAD_UNSUPPORTED)
+        offloaded = self._accelerate_offload() == "model"
+        with self._model_offload_outside():
+            runtime = apply_sequence_parallel(self.transformer, config)
+            if runtime.config.cfg_degree > 1:
+                apply_cfg_parallel(self.transformer, runtime.groups)
+        try:
+            self._check_offload_devices()
+        except ValueError:
+            self.disable_sequence_parallel()
+            raise
+        # Not under model offload, whose hooks place the models; group-offloaded models are left alone by `to`.
+        if not offloaded and self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
             self.to(f"cuda:{torch.cuda.current_device()}")
         logger.info(f"Sequence parallelism enabled: {runtime.groups}")
 
     def disable_sequence_parallel(self) -> None:
         r"""Remove sequence (and CFG) parallelism; the pipeline runs unsharded again (process groups stay initialised)."""
-        if get_cfg_parallel_hook(self.transformer) is not None:
-            remove_cfg_parallel(self.transformer)
-        remove_sequence_parallel(self.transformer)
+        with self._model_offload_outside():
+            if get_cfg_parallel_hook(self.transformer) is not None:
+                remove_cfg_parallel(self.transformer)
+            remove_sequence_parallel(self.transformer)
 
     @property
     def sequence_parallel_enabled(self) -> bool:
@@ -198,6 +253,121 @@ class QwenImageSPPipelineMixin:
 
     def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
         return self._sync_across_ranks(super().prepare_latents(*args, **kwargs))
+
+    # ------------------------------------------------------------------ offloading
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        r"""
+        diffusers' `enable_model_cpu_offload`, with the accelerator defaulting to this rank's own device.
+
+        diffusers defaults to `gpu_id=0`: under `torchrun` every rank would compute on GPU 0. Once torch.distributed
+        is initialised, the default is this process's current device (`torch.cuda.current_device()`, which
+        `enable_sequence_parallel` sets from `LOCAL_RANK`). The order of the calls does not matter:
+        `enable_sequence_parallel` moves an offload chosen before it to this rank's device. One process without
+        torch.distributed keeps diffusers' default.
+
+        Args:
+            gpu_id (`int`, *optional*): the accelerator index; under sequence parallelism it must be this rank's.
+            device (`torch.device` or `str`, *optional*): the accelerator (type, optionally with an index).
+
+        Example:
+
+        ```py
+        >>> # torchrun --nproc-per-node 2 script.py
+        >>> pipe.enable_sequence_parallel(ulysses_degree=2)
+        >>> pipe.enable_model_cpu_offload()  # rank 0 computes on cuda:0, rank 1 on cuda:1
+        ```
+        """
+        target = self._offload_target_of_this_rank("enable_model_cpu_offload", gpu_id, device)
+        super().enable_model_cpu_offload(**target)
+
+    def enable_sequential_cpu_offload(
+        self, gpu_id: int | None = None, device: torch.device | str | None = None
+    ) -> None:
+        r"""
+        diffusers' `enable_sequential_cpu_offload`; refused (`ValueError`) under sequence/CFG parallelism, where
+        leaf-level group offloading gives the same memory profile:
+        `pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_type="leaf_level")`.
+        """
+        if self.sequence_parallel_enabled:
+            raise ValueError(SEQUENTIAL_OFFLOAD_UNSUPPORTED)
+        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def _offload_target_of_this_rank(
+        self, method: str, gpu_id: int | None, device: torch.device | str | None
+    ) -> dict[str, Any]:
+        # The arguments for diffusers' offload method: this rank's accelerator unless one was named.
+        if not dist.is_initialized():
+            return {"gpu_id": gpu_id, "device": device}
+        device_type = torch.device(device).type if device is not None else get_device()
+        if device_type == "cpu":  # diffusers refuses it without a device, and runs it (for tests) with one
+            return {"gpu_id": gpu_id, "device": device}
+        current_device = getattr(torch.get_device_module(device_type), "current_device", None)
+        if current_device is None:
+            return {"gpu_id": gpu_id, "device": device}
+        requested = gpu_id if gpu_id is not None else torch.device(device).index if device is not None else None
+        index = current_device() if requested is None else requested
+        if self.sequence_parallel_enabled and index != current_device():
+            raise ValueError(
+                f"{method}: got gpu_id/device index {index}, but under sequence parallelism rank {dist.get_rank()} "
+                f"computes on {device_type}:{current_device()} (set from LOCAL_RANK by enable_sequence_parallel). "
+                f"Leave gpu_id and the device index out: each rank then offloads to its own device."
+            )
+        # diffusers takes `gpu_id or device index or its previous id`, which drops an index of 0: set the previous.
+        self._offload_gpu_id = index
+        return {"gpu_id": None, "device": torch.device(device_type)}
+
+    def _accelerate_offload(self) -> str | None:
+        # "model" (enable_model_cpu_offload), "sequential" (any other accelerate hook on the transformer root:
+        # enable_sequential_cpu_offload or a device map), or None.
+        hook = getattr(self.transformer, "_hf_hook", None)
+        if hook is None:
+            return None
+        from accelerate.hooks import CpuOffload
+
+        return "model" if isinstance(hook, CpuOffload) else "sequential"
+
+    @contextlib.contextmanager
+    def _model_offload_outside(self) -> Iterator[None]:
+        # accelerate puts its model-offload hook on the transformer root by replacing `forward`, and removes and
+        # re-adds it after every call (`maybe_free_model_hooks`) by restoring the `forward` it replaced. Registered
+        # after it, the CFG-parallel hook (also on the root) would be dropped from the forward after the first call,
+        # and removing it would drop accelerate's hook: take model offload off while the root's hooks change, and put
+        # it back around them, on this rank's device.
+        if self._accelerate_offload() != "model":
+            yield
+            return
+        previous = torch.device(self.transformer._hf_hook.execution_device)
+        self.remove_all_hooks()
+        try:
+            yield
+        finally:
+            self.enable_model_cpu_offload(device=previous.type)
+            if torch.device(self.transformer._hf_hook.execution_device) != previous:
+                logger.info(f"Model CPU offload moved from {previous} to this rank's {self._offload_device}.")
+
+    def _check_offload_devices(self) -> None:
+        # Group offloading onto an explicit device index other than this rank's would put two ranks on one device.
+        if not self.sequence_parallel_enabled:
+            return
+        for name, component in self.components.items():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            try:
+                onload = torch.device(_get_group_onload_device(component))
+            except ValueError:  # no group offloading on this component
+                continue
+            if onload.index is None or onload.type == "cpu":
+                continue
+            current_device = getattr(torch.get_device_module(onload.type), "current_device", None)
+            if current_device is None:
+                continue
+            if onload.index != current_device():
+                raise ValueError(
+                    f"Group offloading of `{name}` onloads to {onload}, but under sequence parallelism rank "
+                    f"{dist.get_rank()} computes on {onload.type}:{current_device()}. Enable group offloading with "
+                    f"onload_device=torch.device({onload.type!r}) (no index: each rank's current device)."
+                )
 
     # ------------------------------------------------------------------ TeaCache
 
@@ -302,6 +472,7 @@ class QwenImageSPPipelineMixin:
         try:
             if parallel:
                 call = self._call_arguments(args, kwargs)
+                self._check_offload_devices()
                 # Different inputs on different ranks would run different collectives and hang far from the cause.
                 check_same_across_ranks(self._arguments_to_agree_on(call))
                 cfg_hook = get_cfg_parallel_hook(self.transformer)
