@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import gc
 import math
+import platform
 import resource
 import sys
 import time
@@ -298,3 +299,15 @@ def rotated(items: list[Any], round_index: int) -> list[Any]:
 def _max_abs_diff(output: torch.Tensor, reference: torch.Tensor) -> float:
     diff = (output.float() - reference.float()).abs().max().item()
     return diff if math.isfinite(diff) else math.inf  # NaN/inf garbage counts as the worst
+
+
+def cpu_name() -> str:
+    r"""The CPU model from `/proc/cpuinfo`, else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -8,7 +8,8 @@ from typing import Any
 from .report import FP32_TOLERANCE, NOISY_SPREAD, PSNR_NOTE, _ratio
 
 
-def _fmt_bytes(value: float | None) -> str:
+def format_bytes(value: float | None) -> str:
+    r"""`1536` -> `'1.50 KiB'`; `None` -> `'—'`."""
     if value is None:
         return "—"
     if value == 0:
@@ -112,18 +113,18 @@ def markdown_table(report: dict[str, Any]) -> str:
             else:
                 cells.append("—")
         memory = row.get("peak_memory_per_rank_bytes")
-        memory_cell = _fmt_bytes(max(memory)) if memory else "—"
+        memory_cell = format_bytes(max(memory)) if memory else "—"
         above = [value for value in row.get("peak_memory_above_idle_per_rank_bytes") or [] if value is not None]
         if memory and above:
-            memory_cell += f" (+{_fmt_bytes(max(above))})"
+            memory_cell += f" (+{format_bytes(max(above))})"
         cells.append(memory_cell)
         if "bytes_per_forward_per_rank" in row:
-            sent = _fmt_bytes(row["bytes_per_forward_per_rank"])
+            sent = format_bytes(row["bytes_per_forward_per_rank"])
             if row.get("analytic_min_bytes_per_forward"):
-                sent += f" ({_fmt_bytes(row['analytic_min_bytes_per_forward'])})"
+                sent += f" ({format_bytes(row['analytic_min_bytes_per_forward'])})"
         elif row.get("bytes_per_image_per_rank") is not None:
             calls = row.get("transformer_calls") or 1
-            sent = f"{_fmt_bytes(row['bytes_per_image_per_rank'] / calls)} avg per call"
+            sent = f"{format_bytes(row['bytes_per_image_per_rank'] / calls)} avg per call"
         else:
             sent = "—"
         cells.append(sent)
@@ -195,8 +196,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         lines.append("| row | measured by operation | analytic terms | measured / minimum |")
         lines.append("|---|---|---|---|")
         for row in comm:
-            measured = ", ".join(f"{op} {_fmt_bytes(v)}" for op, v in row.get("bytes_per_forward_by_op", {}).items())
-            terms = ", ".join(f"{op} {_fmt_bytes(v)}" for op, v in row["analytic_terms"].items())
+            measured = ", ".join(f"{op} {format_bytes(v)}" for op, v in row.get("bytes_per_forward_by_op", {}).items())
+            terms = ", ".join(f"{op} {format_bytes(v)}" for op, v in row["analytic_terms"].items())
             ratio = row.get("bytes_measured_over_minimum")
             lines.append(f"| {row['name']} | {measured} | {terms} | {'—' if ratio is None else f'{ratio:.4f}'} |")
 

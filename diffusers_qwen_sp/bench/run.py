@@ -27,13 +27,14 @@ from .worker import _bench_worker
 logger = logging.get_logger(__name__)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    r"""`value` with non-finite floats as `None` and keys as strings: what `json.dumps(allow_nan=False)` takes."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
+        return {str(key): json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -44,7 +45,7 @@ def write_outputs(report: dict[str, Any], output_dir: Path) -> dict[str, Path]:
     report["files"] = {name: str(path) for name, path in paths.items()}
     report["plot_renderer"] = write_plot(report, paths["plot"])
     paths["markdown"].write_text("# diffusers_qwen_sp bench\n\n" + markdown_table(report))
-    paths["json"].write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     return paths
 
 

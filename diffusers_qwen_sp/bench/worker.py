@@ -5,7 +5,6 @@ interleaved rounds."""
 from __future__ import annotations
 
 import contextlib
-import platform
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from ..pipelines import QwenImageSPPipeline
 from ..small_components import flow_match_scheduler_config
 from .instrumentation import (
     PeakMemory,
+    cpu_name,
     _agree,
     _count_bytes,
     _describe,
@@ -359,16 +359,5 @@ def _bench_worker(rank: int, world: int, settings: BenchSettings, rows: tuple[Ro
         config={key: value for key, value in config.items() if not key.startswith("_")},
         phase_s=phase_s,
         weights_broadcast=broadcast,
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
     )
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

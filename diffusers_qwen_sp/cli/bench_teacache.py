@@ -23,8 +23,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", default=None, help="scene-model folder (default: the shipped weights)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=None,
                         help=f"default: {' '.join(map(str, defaults['thresholds'].default))}")
-    for name in ("prompts", "steps", "world", "threads", "seed"):
-        parser.add_argument(f"--{name}", type=int, default=None, help=f"default: {defaults[name].default}")
+    for name in ("prompts", "steps", "world", "threads", "seed", "warmup_steps"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
+                            help=f"default: {defaults[name].default}")
     parser.add_argument("--cfg-scale", type=float, default=None, help=f"default: {defaults['cfg_scale'].default}")
     parser.add_argument("--coefficients", type=float, nargs="+", default=None,
                         help="TeaCache polynomial, highest power first (default: the scene model's)")

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..bench.instrumentation import cpu_name
 from .context import DoctorContext, describe
 
 
@@ -19,18 +20,6 @@ def _version(distribution: str) -> str | None:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
-
-
-def cpu_name() -> str:
-    r"""The CPU model from `/proc/cpuinfo`, else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def flash_attn_status() -> dict[str, Any]:

@@ -7,6 +7,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..bench.markdown import format_bytes
+from ..bench.run import json_safe
+
 
 # Section verdicts: "pass" / "fail" where the section has a bar, "info" where it only informs, "skipped" (with a
 # reason), "error" (the section raised). The run passes when no section failed or raised.
@@ -15,16 +18,6 @@ FAILING = ("fail", "error")
 
 def overall_verdict(sections: dict[str, dict[str, Any]]) -> str:
     return "fail" if any(section.get("verdict") in FAILING for section in sections.values()) else "pass"
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
 
 
 def _num(value: Any, spec: str = ".3g", suffix: str = "") -> str:
@@ -41,20 +34,11 @@ def _seconds(value: float | None) -> str:
     return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
 
 
-def _bytes(value: float | None) -> str:
-    if value is None:
-        return "—"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.2f} {unit}"
-    return f"{int(value)} B"
-
-
 def _memory(summary: dict[str, Any] | None) -> str:
     if not summary:
         return "—"
     above = summary.get("above_idle_bytes")
-    return _bytes(summary["peak_bytes"]) + (f" (+{_bytes(above)})" if above is not None else "")
+    return format_bytes(summary["peak_bytes"]) + (f" (+{format_bytes(above)})" if above is not None else "")
 
 
 def _summary_line(name: str, section: dict[str, Any]) -> str:
@@ -63,7 +47,7 @@ def _summary_line(name: str, section: dict[str, Any]) -> str:
     if section.get("verdict") == "error":
         return section.get("error", "")
     if name == "environment":
-        gpus = ", ".join(f"{gpu['name']} ({_bytes(gpu['memory_bytes'])})" for gpu in section["gpus"]) or "no GPU"
+        gpus = ", ".join(f"{gpu['name']} ({format_bytes(gpu['memory_bytes'])})" for gpu in section["gpus"]) or "no GPU"
         flash = section["flash_attn"]
         return (f"torch {section['torch']}, CUDA {section['cuda_version']}, NCCL {section['nccl_version']}, {gpus}; "
                 f"flash-attn {flash.get('version') if flash['available'] else 'absent'}; {section['cpu']['name']}")
@@ -181,7 +165,7 @@ def _multi_gpu_table(section: dict[str, Any]) -> list[str]:
             parity = row.get("parity")
             lines.append(
                 f"| {row['processes']} | {row['mode']} | {_seconds(row['time_s'])} | {_num(row['speedup'], '.2f', 'x')}"
-                f" | {_bytes(row.get('bytes_sent'))} ({_bytes(row.get('bytes_minimum'))}) | "
+                f" | {format_bytes(row.get('bytes_sent'))} ({format_bytes(row.get('bytes_minimum'))}) | "
                 + (f"{parity['mean']:.1e} / {parity['max']:.1e} |" if parity else "— |")
             )
     return lines
@@ -218,5 +202,5 @@ def write_report(report: dict[str, Any], directory: Path) -> dict[str, str]:
     files = {name: str(path) for name, path in paths.items()}
     paths["markdown"].write_text("# diffusers_qwen_sp doctor\n\n" + report["markdown"])
     body = {key: value for key, value in report.items() if key != "markdown"}
-    paths["json"].write_text(json.dumps(_json_safe({**body, "files": files}), indent=2, allow_nan=False) + "\n")
+    paths["json"].write_text(json.dumps(json_safe({**body, "files": files}), indent=2, allow_nan=False) + "\n")
     return files

@@ -7,61 +7,9 @@ TeaCache's speed/quality trade-off can be measured without a GPU.
 - [`teacache_curve`]: `python -m diffusers_qwen_sp bench-teacache`, TeaCache's speed/quality curve on the model.
 """
 
-from .grammar import (
-    BACKGROUND_COLOURS,
-    COLOURS,
-    RELATIONS,
-    SHAPE_COLOURS,
-    SHAPES,
-    Scene,
-    SceneCheck,
-    ShapeGroup,
-    check_image,
-    parse_prompt,
-    render_scene,
-    sample_scene,
-    scene_prompts,
-    shape_centres,
-)
-from .model import (
-    SCENE_DEFAULT_PROMPT,
-    SCENE_DEFAULT_STEPS,
-    SCENE_IMAGE_SIZE,
-    SCENE_MODEL_PATH,
-    SCENE_NEGATIVE_PROMPT,
-    SCENE_TEACACHE_COEFFICIENTS,
-    build_scene_components,
-    generate_scene_image,
-    is_scene_model,
-    load_scene_pipeline,
-    scene_tokenizer,
-)
+from . import grammar, model
+from .grammar import *  # noqa: F403
+from .model import *  # noqa: F403
 
 
-__all__ = [
-    "BACKGROUND_COLOURS",
-    "COLOURS",
-    "RELATIONS",
-    "SCENE_DEFAULT_PROMPT",
-    "SCENE_DEFAULT_STEPS",
-    "SCENE_IMAGE_SIZE",
-    "SCENE_MODEL_PATH",
-    "SCENE_NEGATIVE_PROMPT",
-    "SCENE_TEACACHE_COEFFICIENTS",
-    "SHAPES",
-    "SHAPE_COLOURS",
-    "Scene",
-    "SceneCheck",
-    "ShapeGroup",
-    "build_scene_components",
-    "check_image",
-    "generate_scene_image",
-    "is_scene_model",
-    "load_scene_pipeline",
-    "parse_prompt",
-    "render_scene",
-    "sample_scene",
-    "scene_prompts",
-    "scene_tokenizer",
-    "shape_centres",
-]
+__all__ = [*grammar.__all__, *model.__all__]

@@ -66,6 +66,7 @@ class CurveSettings:
         world (`int`, defaults to `2`): processes of the SP-on mode (Ulysses degree); 1 skips that mode.
         threads (`int`, defaults to `1`): intra-op threads per process.
         coefficients (`tuple[float, ...]`): TeaCache's rescaling polynomial; defaults to the scene model's.
+        warmup_steps (`int`, defaults to `0`): TeaCache's warm-up, the first steps always computed.
         timeout (`float`, defaults to `1800`): seconds for each spawned mode.
     """
 
@@ -78,6 +79,7 @@ class CurveSettings:
     threads: int = 1
     seed: int = 1234
     coefficients: tuple[float, ...] = SCENE_TEACACHE_COEFFICIENTS
+    warmup_steps: int = 0
     timeout: float = 1800.0
 
     def __post_init__(self) -> None:
@@ -92,6 +94,8 @@ class CurveSettings:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if not self.coefficients:
             raise ValueError("coefficients is empty: pass the polynomial calibrate-teacache printed for the model.")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps!r}")
 
     @property
     def variants(self) -> dict[str, float | None]:
@@ -118,7 +122,10 @@ def _curve_worker(rank: int, world: int, settings: CurveSettings) -> dict[str, A
         pipe.disable_teacache()  # a no-op when off
         if variants[name] is not None:
             pipe.enable_teacache(
-                threshold=variants[name], num_inference_steps=settings.steps, coefficients=list(settings.coefficients)
+                threshold=variants[name],
+                num_inference_steps=settings.steps,
+                coefficients=list(settings.coefficients),
+                warmup_steps=settings.warmup_steps,
             )
 
     for name in (UNCACHED, list(variants)[-1]):  # untimed warm-up: first-call costs land on no variant
@@ -221,7 +228,8 @@ def markdown_curve(report: dict[str, Any]) -> str:
     settings = report["settings"]
     lines = [
         f"TeaCache on the scene model: {settings['prompts']} prompts, {settings['steps']} steps, true CFG "
-        f"{settings['cfg_scale']:g} (2 transformer calls per step), {settings['threads']} thread(s) per process.",
+        f"{settings['cfg_scale']:g} (2 transformer calls per step), TeaCache warm-up "
+        f"{settings.get('warmup_steps', 0)} steps, {settings['threads']} thread(s) per process.",
         "",
         "| SP | threshold | computed calls | ideal speed-up | measured speed-up | s / image | PSNR vs uncached (dB) "
         "| colours + counts | all checks | same skips as SP off |",

@@ -91,6 +91,7 @@ __all__ = [
     "build_tiny_tokenizer",
     "save_tiny_pipeline",
     "small_reference_images",
+    "sp_pipeline_class",
     "stock_pipeline_class",
     "tiny_from_pretrained_kwargs",
     "tiny_pipeline_call_kwargs",
