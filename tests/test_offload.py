@@ -305,3 +305,24 @@ def test_model_offload_keeps_diffusers_default_in_one_process():
         pipe.enable_model_cpu_offload()
     assert str(pipe._offload_device) == "cuda:0"
     pipe.remove_all_hooks()
+
+
+def test_teacache_with_leaf_offloading_equals_teacache_and_block_offloading_is_refused():
+    # TeaCache reads block 0's modulation before running the blocks: leaf-level offloading loads those weights when
+    # they are called, block-level offloading only inside the block's forward, so that one is refused with the fix.
+    def cached(offload: str | None) -> tuple[torch.Tensor, dict]:
+        pipe = build_tiny_pipeline("qwen_image", pipeline_cls=sp_pipeline_class("qwen_image"))
+        if offload is not None:
+            _enable_offload(pipe, offload)
+        pipe.enable_teacache(threshold=0.15)
+        with torch.no_grad():
+            images = pipe(**tiny_pipeline_call_kwargs("qwen_image", **CALL, num_inference_steps=6)).images
+        return images, pipe.teacache_stats()
+
+    expected, expected_stats = cached(None)
+    assert expected_stats["cond"]["skipped"], "TeaCache skipped nothing: the comparison would be vacuous"
+    for _ in range(2):
+        images, stats = cached("group_leaf_level")
+        assert (images - expected).abs().max().item() <= TOLERANCE and stats == expected_stats
+    with pytest.raises(RuntimeError, match="offload_type='leaf_level'"):
+        cached("group_block_level")

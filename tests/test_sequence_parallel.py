@@ -248,6 +248,11 @@ ERROR_MESSAGES = {
     "heads": "ulysses_degree=2 does not divide the 3 attention heads",
     "diffusers_cp": "enable_parallelism",
     "cfg_unknown": "does not know whether this call does true CFG",
+    # a processor set after SP would attend over this rank's shard only: refused at the next forward
+    "processor_swapped": "set after sequence parallelism was applied",
+    # diffusers' FirstBlockCache decides per rank (ranks diverge and hang): refused in either order
+    "diffusers_cache_after_sp": "FirstBlockCacheConfig is not supported under sequence parallelism",
+    "diffusers_cache_before_sp": "A FirstBlockCacheConfig cache is enabled",
 }
 
 
@@ -279,6 +284,29 @@ def _errors(rank, world_size):
         messages["cfg_unknown"] = str(error)
     remove_cfg_parallel(model)
     remove_sequence_parallel(model)
+    from diffusers import FirstBlockCacheConfig
+    from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+
+    apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=2))
+    model.transformer_blocks[1].attn.set_processor(QwenDoubleStreamAttnProcessor2_0())
+    try:
+        with torch.no_grad():
+            model(**_transformer_inputs(model.config, [(1, 5, 7)]))
+    except RuntimeError as error:
+        messages["processor_swapped"] = str(error)
+    remove_sequence_parallel(model)
+    apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=2))
+    try:
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.4))
+    except ValueError as error:
+        messages["diffusers_cache_after_sp"] = str(error)
+    remove_sequence_parallel(model)
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.4))
+    try:
+        apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=2))
+    except RuntimeError as error:
+        messages["diffusers_cache_before_sp"] = str(error)
+    model.disable_cache()
     model._parallel_config = object()  # what diffusers' enable_parallelism leaves behind
     try:
         apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=2))
@@ -307,9 +335,37 @@ def _cfg_parallel_duplicate_warning(rank, world_size):
     return [record.getMessage() for record in records]
 
 
+def _cfg_parallel_with_prompt_embeddings(rank, world_size):
+    """True CFG from embeddings whose masks are None (what encode_prompt returns for unpadded prompts): the stock rule
+    still does true CFG, so each CFG rank must compute one branch per step and the image equal one process's."""
+    pipe = build_tiny_pipeline("qwen_image", pipeline_cls=sp_pipeline_class("qwen_image"))
+    with torch.no_grad():
+        embeds, mask = pipe.encode_prompt("a red cat")
+        negative, negative_mask = pipe.encode_prompt("blur")
+    call = {key: value for key, value in tiny_pipeline_call_kwargs("qwen_image").items()
+            if key not in ("prompt", "negative_prompt")}
+    embeddings = dict(prompt_embeds=embeds, negative_prompt_embeds=negative)
+    with torch.no_grad():
+        expected = pipe(**call, **embeddings).images
+    calls = []
+    probe = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    pipe.enable_sequence_parallel(cfg_degree=2)
+    call["generator"] = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        images = pipe(**call, **embeddings).images
+    probe.remove()
+    pipe.disable_sequence_parallel()
+    return {"masks_none": mask is None and negative_mask is None, "block_calls": len(calls),
+            "steps": call["num_inference_steps"], "diff": (images - expected).abs().max().item()}
+
+
 def _launcher_errors(rank, world_size):
     """The duplicate-batch warning first, then the errors: case id -> this rank's warnings or error message."""
-    return {"cfg_warning": _cfg_parallel_duplicate_warning(rank, world_size), **_errors(rank, world_size)}
+    return {
+        "cfg_warning": _cfg_parallel_duplicate_warning(rank, world_size),
+        "cfg_prompt_embeds": _cfg_parallel_with_prompt_embeddings(rank, world_size),
+        **_errors(rank, world_size),
+    }
 
 
 # One spawn for the warning and the errors, each case its own test.
@@ -317,10 +373,14 @@ launcher_errors = spawn_fixture(_launcher_errors, Spawn(2, timeout=240))
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world_size, case", world_cases({2: ["cfg_warning", *ERROR_MESSAGES]}))
+@pytest.mark.parametrize("world_size, case", world_cases({2: ["cfg_warning", "cfg_prompt_embeds", *ERROR_MESSAGES]}))
 def test_clear_errors_under_a_launcher(launcher_errors, world_size, case):
     per_rank = launcher_errors[world_size].case(case)
-    if case == "cfg_warning":
+    if case == "cfg_prompt_embeds":
+        for result in per_rank:  # one branch per rank and step (not both), and the single-process image
+            assert result["masks_none"] and result["block_calls"] == result["steps"], per_rank
+            assert result["diff"] <= TOLERANCE, per_rank
+    elif case == "cfg_warning":
         warnings = per_rank
         # Told once, by rank 0 (diffusers' loggers speak on rank 0 only under torch.distributed).
         assert len(warnings[0]) == 1 and "batch of 1 does not split" in warnings[0][0], warnings
@@ -383,3 +443,40 @@ def test_the_plan_is_data_on_the_model_class_and_another_plan_is_checked_whole()
             assert torch.equal(model(**kwargs)[0], expected)
             remove_sequence_parallel(model)
             assert torch.equal(model(**kwargs)[0], expected)
+
+
+def test_a_failed_apply_hooks_nothing_and_config_and_groups_must_agree():
+    from diffusers_qwen_sp.distributed import ParallelGroups
+    from diffusers_qwen_sp.models import GatherInput
+
+    model = QwenImageSPTransformer2DModel(**tiny_transformer_config()).eval()
+    kwargs = _transformer_inputs(model.config, [(1, 5, 7)])
+    with torch.no_grad():
+        expected = model(**kwargs)[0]
+    plan = dict(type(model)._sp_plan)
+    gather = GatherInput(index=0, dim=1, bounds_index=1)
+    # block 0 reached by two keys, and a key naming nothing: refused before any hook is registered
+    twice = {**plan, "transformer_blocks.*": gather, "transformer_blocks.0": gather}
+    for bad, match in ((twice, "one entry"), ({**plan, "image_output.nope": gather}, "no submodule")):
+        with pytest.raises(ValueError, match=match):
+            apply_sequence_parallel(model, groups=ParallelGroups(), plan=bad)
+        assert get_sequence_parallel_runtime(model) is None
+        assert all(not getattr(m, "_diffusers_hook", None) or not m._diffusers_hook.hooks for m in model.modules())
+    with pytest.raises(ValueError, match=r"\(ulysses, ring, cfg\) = \(2, 1, 1\) but the groups"):
+        apply_sequence_parallel(model, SequenceParallelConfig(ulysses_degree=2), groups=ParallelGroups())
+    for _ in range(2):  # and a good apply still works, twice
+        apply_sequence_parallel(model, groups=ParallelGroups())
+        with torch.no_grad():
+            assert torch.equal(model(**kwargs)[0], expected)
+        remove_sequence_parallel(model)
+
+
+def test_converting_a_stock_transformer_with_hooks_is_refused():
+    from diffusers import FirstBlockCacheConfig, QwenImageTransformer2DModel
+
+    stock = QwenImageTransformer2DModel(**tiny_transformer_config())
+    stock.enable_cache(FirstBlockCacheConfig(threshold=0.1))
+    with pytest.raises(ValueError, match="would silently drop"):
+        QwenImageSPTransformer2DModel.from_transformer(stock)
+    stock.disable_cache()
+    assert isinstance(QwenImageSPTransformer2DModel.from_transformer(stock), QwenImageSPTransformer2DModel)

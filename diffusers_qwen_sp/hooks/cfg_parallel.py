@@ -188,6 +188,7 @@ class CFGParallelHook(ModelHook):
     def reset_state(self, module: nn.Module) -> nn.Module:
         self.state_manager.reset()
         self._pending = None
+        self.true_cfg = None  # set again by the next pipeline call (or by hand for a hand-written loop)
         return module
 
     def __repr__(self) -> str:

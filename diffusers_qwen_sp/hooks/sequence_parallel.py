@@ -20,7 +20,7 @@ from diffusers.utils import logging
 
 from ..attention import SequenceParallelAttnProcessor, check_attention_backend
 from ..distributed import ParallelGroups, all_gather_dim0, init_distributed, sp_shard_bounds, take_shard
-from ..models.sp_plan import GatherInput, ShardBoundsOutput, SplitOutput, SPPlan
+from ..models.sp_plan import GatherInput, ShardBoundsOutput, SplitOutput, SPPlan, SPPlanEntry
 
 
 logger = logging.get_logger(__name__)
@@ -94,6 +94,22 @@ class SequenceParallelRuntime:
     groups: ParallelGroups
     plan: SPPlan
     original_processors: dict[str, Any] = field(default_factory=dict)
+    # name -> attention module whose processor must stay the sequence-parallel one while SP is on
+    attention_modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    def check_attention_processors(self) -> None:
+        r"""
+        Raise a `RuntimeError` when an attention processor was replaced after SP was applied (`set_attn_processor`,
+        `set_attention_backend`...): such a block would attend only over its own rank's shard, silently.
+        """
+        for name, module in self.attention_modules.items():
+            if not isinstance(module.processor, SequenceParallelAttnProcessor):
+                raise RuntimeError(
+                    f"The attention processor of `{name}` is now {type(module.processor).__name__}, set after sequence "
+                    "parallelism was applied; with it the block would attend only over this rank's shard of the image. "
+                    "Remove sequence parallelism first (pipe.disable_sequence_parallel() or remove_sequence_parallel), "
+                    "change the processors, then enable it again."
+                )
 
     @property
     def sp_world_size(self) -> int:
@@ -128,8 +144,13 @@ class SequenceSplitHook(ModelHook):
             output[split.index] = take_shard(tensor, split.dim, bounds)
         for entry in self.bounds_outputs:
             if bounds is None:
-                raise RuntimeError(f"{type(module).__name__} yielded no tensor to split, so it has no layout to report.")
+                raise RuntimeError(
+                    f"{type(module).__name__} yielded no tensor to split, so it has no layout to report: the SP plan's "
+                    "ShardBoundsOutput must sit on a stage that also has a SplitOutput."
+                )
             output[entry.index] = bounds
+        if self.bounds_outputs and bounds.is_sharded:  # once per forward, outside the blocks
+            self.runtime.check_attention_processors()
         return tuple(output)
 
     def __repr__(self) -> str:
@@ -166,15 +187,18 @@ class SequenceGatherHook(ModelHook):
 
 
 def _resolve(root: nn.Module, path: str) -> list[nn.Module]:
-    """The submodules a plan key names (`*` matches every child); raises when it names none."""
+    """The submodules a plan key names (`*` matches every item of a ModuleList); raises when it names none."""
     modules = [root]
     for part in path.split("."):
         next_modules = []
         for module in modules:
-            if part == "*":
-                next_modules.extend(module.children())
-            elif hasattr(module, part) and isinstance(getattr(module, part), nn.Module):
+            if part == "*" and isinstance(module, nn.ModuleList):
+                next_modules.extend(module)
+            elif part != "*" and isinstance(getattr(module, part, None), nn.Module):
                 next_modules.append(getattr(module, part))
+            else:  # every module a path reaches must have the next part: no partial matches
+                next_modules = []
+                break
         modules = next_modules
     if not modules:
         raise ValueError(
@@ -183,6 +207,10 @@ def _resolve(root: nn.Module, path: str) -> list[nn.Module]:
             "plan whose keys are its submodules."
         )
     return modules
+
+
+def _hook_name(entry: SPPlanEntry) -> str:
+    return SP_GATHER_HOOK if isinstance(entry, GatherInput) else SP_SPLIT_HOOK
 
 
 def get_sequence_parallel_runtime(transformer: nn.Module) -> SequenceParallelRuntime | None:
@@ -230,6 +258,15 @@ def apply_sequence_parallel(
     """
     if get_sequence_parallel_runtime(transformer) is not None:
         raise RuntimeError("Sequence parallelism is already applied to this transformer; call remove_sequence_parallel first.")
+    from .teacache import TeaCacheConfig  # teacache builds on this module
+
+    cache = getattr(transformer, "_cache_config", None)
+    if cache is not None and not isinstance(cache, TeaCacheConfig):
+        raise RuntimeError(
+            f"A {type(cache).__name__} cache is enabled on this transformer; diffusers' caches decide or cache per rank "
+            "on each rank's shard of the image, so ranks can diverge and hang under sequence parallelism. Call "
+            "transformer.disable_cache() first, and use TeaCacheConfig for a cache that agrees across ranks."
+        )
     if getattr(transformer, "_parallel_config", None) is not None:
         raise RuntimeError(
             "diffusers' own context parallelism (`enable_parallelism`) is active on this transformer; it cannot be "
@@ -247,6 +284,14 @@ def apply_sequence_parallel(
         config = SequenceParallelConfig(
             ulysses_degree=groups.ulysses_degree, ring_degree=groups.ring_degree, cfg_degree=groups.cfg_degree
         )
+    else:
+        given = (config.ulysses_degree, config.ring_degree, config.cfg_degree)
+        built = (groups.ulysses_degree, groups.ring_degree, groups.cfg_degree)
+        if given != built:
+            raise ValueError(
+                f"config asks for (ulysses, ring, cfg) = {given} but the groups given were built for {built}; pass "
+                "groups built with ParallelGroups.create(*the config's degrees), or only one of the two."
+            )
     heads = transformer.config.num_attention_heads
     if heads % config.ulysses_degree:
         valid = [d for d in range(1, heads + 1) if heads % d == 0]
@@ -263,20 +308,41 @@ def apply_sequence_parallel(
                 "diffusers_qwen_sp.QwenImageSPTransformer2DModel (QwenImageSPTransformer2DModel.from_transformer "
                 "converts a stock one)."
             )
-    resolved = {path: _resolve(transformer, path) for path in plan}  # every key checked before anything is hooked
+    # Every key resolved and every target checked before anything is hooked, and the hooks registered all or none.
+    targets = [(module, path, entry) for path, entry in plan.items() for module in _resolve(transformer, path)]
+    seen: dict[int, str] = {}
+    for module, path, entry in targets:
+        name = _hook_name(entry)
+        if (id(module), name) in seen:
+            raise ValueError(
+                f"The SP plan reaches one {type(module).__name__} through `{seen[id(module), name]}` and `{path}`; "
+                "give each submodule one entry."
+            )
+        seen[id(module), name] = path
 
     runtime = SequenceParallelRuntime(config=config, groups=groups, plan=dict(plan))
-    for path, entry in plan.items():
-        for module in resolved[path]:
+    registered: list[tuple[HookRegistry, str]] = []
+    try:
+        for module, _, entry in targets:
             registry = HookRegistry.check_if_exists_or_initialize(module)
             if isinstance(entry, GatherInput):
-                registry.register_hook(SequenceGatherHook(runtime, entry), SP_GATHER_HOOK)
+                hook = SequenceGatherHook(runtime, entry)
             else:
-                registry.register_hook(SequenceSplitHook(runtime, entry), SP_SPLIT_HOOK)
-    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+                hook = SequenceSplitHook(runtime, entry)
+            registry.register_hook(hook, _hook_name(entry))
+            registered.append((registry, _hook_name(entry)))
+    except Exception:
+        for registry, name in reversed(registered):
+            registry.remove_hook(name, recurse=False)
+        raise
+    finally:
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
     runtime.original_processors = dict(transformer.attn_processors)
     transformer.set_attn_processor(SequenceParallelAttnProcessor(runtime))
+    runtime.attention_modules = {
+        name: module for name, module in transformer.named_modules() if hasattr(module, "set_processor")
+    }
     transformer._sp_runtime = runtime
     logger.info(f"Sequence parallelism on: {groups}")
     return runtime
@@ -288,9 +354,8 @@ def remove_sequence_parallel(transformer: nn.Module) -> None:
     if runtime is None:
         return
     for path, entry in runtime.plan.items():
-        name = SP_GATHER_HOOK if isinstance(entry, GatherInput) else SP_SPLIT_HOOK
         for module in _resolve(transformer, path):
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=False)
+            HookRegistry.check_if_exists_or_initialize(module).remove_hook(_hook_name(entry), recurse=False)
     HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
     transformer.set_attn_processor(runtime.original_processors)
     transformer._sp_runtime = None

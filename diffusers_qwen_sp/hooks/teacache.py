@@ -406,8 +406,16 @@ class TeaCacheHook(ModelHook):
         cfg_hook = get_cfg_parallel_hook(transformer)
         batch_group = cfg_hook.batch_split_group if cfg_hook is not None else None
 
+        first = module.blocks[0]
+        if _offloaded_as_a_block(first):
+            raise RuntimeError(
+                "TeaCache reads the first block's modulation weights before deciding whether to run the blocks, but "
+                "block-level group offloading loads them only inside that block's forward. Use "
+                "enable_group_offload(..., offload_type='leaf_level') with TeaCache (the same memory profile), or "
+                "disable TeaCache."
+            )
         with torch.no_grad():
-            indicator = teacache_indicator(module.blocks[0], inputs)
+            indicator = teacache_indicator(first, inputs)
             force = step < max(1, self.config.warmup_steps) or (num_steps is not None and step == num_steps - 1)
             decision = teacache_decision(
                 indicator,
@@ -447,6 +455,13 @@ class TeaCacheHook(ModelHook):
             f"TeaCacheHook(threshold={self.config.threshold}, coefficients={self.config.coefficients}, "
             f"num_inference_steps={self.config.num_inference_steps}, record_outputs={self.record_outputs})"
         )
+
+
+def _offloaded_as_a_block(block: nn.Module) -> bool:
+    # diffusers' block-level group offloading hooks the first module of each group ("group_offloading" on the block
+    # itself); leaf-level offloading hooks the leaves, which load their weights whenever they are called.
+    registry = getattr(block, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook("group_offloading") is not None
 
 
 class TeaCacheOutputRecorder(ModelHook):

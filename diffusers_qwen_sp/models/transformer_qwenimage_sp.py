@@ -22,207 +22,28 @@ image or builds rotary frequencies, a cached step shards exactly like a computed
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from math import prod
 from typing import Any
 
 import torch
 import torch.nn as nn
 from diffusers import QwenImageTransformer2DModel
 from diffusers.configuration_utils import register_to_config
-from diffusers.hooks.hooks import CacheContext
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.transformers.transformer_qwenimage import compute_text_seq_len_from_mask
 from diffusers.utils import apply_lora_scale, logging
 
-from ..distributed.sharding import ShardBounds, sp_shard_bounds
 from .sp_plan import GatherInput, ShardBoundsOutput, SplitOutput, SPPlan
+from .stages import BlocksStage, ImageOutput, ImageRopePrepare, ModulateIndexPrepare, QwenImageBlockInputs
 
 
 logger = logging.get_logger(__name__)
 
 # Config classes whose checkpoints this transformer loads unchanged.
 QWEN_IMAGE_TRANSFORMER_CLASS_NAMES = ("QwenImageTransformer2DModel", "QwenImageSPTransformer2DModel")
-
-
-@dataclass
-class QwenImageBlockInputs:
-    r"""
-    Everything the transformer blocks consume, as produced by [`QwenImageSPTransformer2DModel.preprocess`].
-
-    Under sequence parallelism the image tensors are this rank's shard of the (padded) image sequence.
-
-    Args:
-        hidden_states (`torch.Tensor` of shape `(B, S_img, D)`): the embedded image stream.
-        encoder_hidden_states (`torch.Tensor` of shape `(B, S_txt, D)`): the embedded text stream.
-        encoder_hidden_states_mask (`torch.Tensor` of shape `(B, S_txt)`, *optional*): bool, `False` on padding.
-        temb (`torch.Tensor` of shape `(B, D)`, or `(2B, D)` for `zero_cond_t` models): the conditioning embedding.
-        image_rotary_emb (`tuple[torch.Tensor, torch.Tensor]`): complex image `(S_img, R)` and text `(S_txt, R)`
-            rotary frequencies.
-        modulate_index (`torch.Tensor` of shape `(B, S_img)`, *optional*): 0 for generated tokens, 1 for reference
-            tokens (modulated at t = 0); `None` unless the model is `zero_cond_t`.
-        image_shard ([`~diffusers_qwen_sp.distributed.ShardBounds`]): where this rank's image tokens lie in the
-            whole (zero-padded) image sequence; the whole sequence without sequence parallelism.
-        attention_kwargs (`dict`, *optional*): passed to every block's attention processor.
-    """
-
-    hidden_states: torch.Tensor
-    encoder_hidden_states: torch.Tensor
-    encoder_hidden_states_mask: torch.Tensor | None
-    temb: torch.Tensor
-    image_rotary_emb: tuple[torch.Tensor, torch.Tensor]
-    modulate_index: torch.Tensor | None
-    image_shard: ShardBounds
-    attention_kwargs: dict[str, Any] | None = None
-
-    def block_attention_kwargs(self) -> dict[str, Any] | None:
-        r"""
-        The `joint_attention_kwargs` of every block: `attention_kwargs`, plus `image_shard` when the image sequence is
-        sharded (only the sequence-parallel attention processor is then in place, and it needs the layout).
-        """
-        if not self.image_shard.is_sharded:
-            return self.attention_kwargs
-        return {**(self.attention_kwargs or {}), "image_shard": self.image_shard}
-
-
-class ImageRopePrepare(nn.Module):
-    r"""
-    Parameter-free stage that yields the embedded image sequence with its rotary frequencies and its layout.
-
-    It computes the frequencies with the transformer's own `pos_embed` (held as a plain reference, so the module tree
-    and the state dict stay those of the stock model). Sequence parallelism splits its outputs along the sequence and
-    replaces the layout (the whole sequence here) with this rank's shard.
-    """
-
-    def __init__(self, pos_embed: nn.Module, use_layer3d_rope: bool) -> None:
-        super().__init__()
-        # A plain attribute, not a submodule: `pos_embed` stays registered once, under the transformer.
-        object.__setattr__(self, "_pos_embed", pos_embed)
-        self.use_layer3d_rope = use_layer3d_rope
-
-    def forward(
-        self, hidden_states: torch.Tensor, img_shapes: list, text_seq_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShardBounds]:
-        """Returns `(hidden_states (B, S_img, D), image_freqs (S_img, R), text_freqs (S_txt, R), layout)`."""
-        if self.use_layer3d_rope:
-            # QwenEmbedLayer3DRope takes (video_fhw, max_txt_seq_len, device), QwenEmbedRope (video_fhw, device, ...).
-            image_freqs, text_freqs = self._pos_embed(img_shapes, text_seq_len, device=hidden_states.device)
-        else:
-            image_freqs, text_freqs = self._pos_embed(
-                img_shapes, max_txt_seq_len=text_seq_len, device=hidden_states.device
-            )
-        whole = sp_shard_bounds(hidden_states.shape[1], world_size=1, rank=0)
-        return hidden_states, image_freqs, text_freqs, whole
-
-    def extra_repr(self) -> str:
-        return f"use_layer3d_rope={self.use_layer3d_rope}"
-
-
-class ModulateIndexPrepare(nn.Module):
-    r"""
-    Parameter-free stage that yields the timestep and the per-token modulate index.
-
-    For `zero_cond_t` models (Qwen-Image-Edit-2511) the timestep is doubled to `[t, 0]` and every image token gets an
-    index: 0 for the generated target (`img_shapes[b][0]`), 1 for the reference images after it, which are modulated
-    at t = 0. Sequence parallelism splits the index along the sequence together with the image tokens.
-    """
-
-    def __init__(self, zero_cond_t: bool) -> None:
-        super().__init__()
-        self.zero_cond_t = zero_cond_t
-
-    def forward(self, timestep: torch.Tensor, img_shapes: list) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns `(timestep (B,) or (2B,), modulate_index (B, S_img) int32 or None)`."""
-        if not self.zero_cond_t:
-            return timestep, None
-        timestep = torch.cat([timestep, timestep * 0], dim=0)  # (B,) -> (2B,)
-        rows = []
-        for shapes in img_shapes:
-            target = prod(shapes[0])
-            references = sum(prod(shape) for shape in shapes[1:])
-            rows.append([0] * target + [1] * references)
-        modulate_index = torch.tensor(rows, device=timestep.device, dtype=torch.int)  # (B, S_img)
-        return timestep, modulate_index
-
-    def extra_repr(self) -> str:
-        return f"zero_cond_t={self.zero_cond_t}"
-
-
-class BlocksStage(nn.Module):
-    r"""
-    Parameter-free stage that runs the transformer blocks: `(QwenImageBlockInputs) -> (text, image)` streams.
-
-    It holds the transformer's `transformer_blocks` as a plain reference (the module tree and the state dict stay
-    those of the stock model). Caches that skip the blocks (TeaCache) hook this stage: they receive the block inputs
-    exactly as `preprocess` produced them, already sharded by sequence parallelism, and never touch preprocessing.
-    """
-
-    def __init__(self, blocks: nn.ModuleList) -> None:
-        super().__init__()
-        object.__setattr__(self, "_blocks", blocks)
-        # Set together with the transformer's by diffusers' `enable_gradient_checkpointing`.
-        self.gradient_checkpointing = False
-
-    @property
-    def blocks(self) -> nn.ModuleList:
-        """The transformer blocks this stage runs."""
-        return self._blocks
-
-    def forward(
-        self, inputs: QwenImageBlockInputs, controlnet_block_samples: list[torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns `(encoder_hidden_states (B, S_txt, D), hidden_states (B, S_img, D))`."""
-        hidden_states, encoder_hidden_states = inputs.hidden_states, inputs.encoder_hidden_states
-        interval = None
-        if controlnet_block_samples is not None:
-            interval = int(math.ceil(len(self._blocks) / len(controlnet_block_samples)))
-            if controlnet_block_samples[0].shape[1] != hidden_states.shape[1]:
-                raise ValueError(
-                    f"controlnet_block_samples have {controlnet_block_samples[0].shape[1]} image tokens but the blocks "
-                    f"see {hidden_states.shape[1]}: sequence parallelism shards the image sequence and does not shard "
-                    "controlnet residuals. Run controlnet pipelines without sequence parallelism."
-                )
-        attention_kwargs = inputs.block_attention_kwargs()
-        for index, block in enumerate(self._blocks):
-            args = (
-                hidden_states,
-                encoder_hidden_states,
-                inputs.encoder_hidden_states_mask,
-                inputs.temb,
-                inputs.image_rotary_emb,
-                attention_kwargs,
-                inputs.modulate_index,
-            )
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
-                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(block, *args)
-            else:
-                encoder_hidden_states, hidden_states = block(*args)
-            if interval is not None:
-                hidden_states = hidden_states + controlnet_block_samples[index // interval]
-        return encoder_hidden_states, hidden_states
-
-
-class ImageOutput(nn.Module):
-    r"""
-    Parameter-free stage that yields the projected image tokens `(B, S_img, p*p*C_out)` given with their layout.
-
-    Sequence parallelism gathers the image sequence here, after `proj_out` and whatever wraps it (a LoRA layer), and
-    cuts the padding off with the layout that travelled with the forward.
-    """
-
-    def forward(self, output: torch.Tensor, image_shard: ShardBounds) -> torch.Tensor:
-        """Returns `output` (the whole sequence once sequence parallelism gathered it)."""
-        if image_shard.is_sharded:
-            raise RuntimeError(
-                f"The image sequence reached the output still sharded ({image_shard}): the sequence-parallel gather "
-                "is missing. Remove sequence parallelism with remove_sequence_parallel (or "
-                "pipe.disable_sequence_parallel()), not by removing single hooks."
-            )
-        return output
 
 
 @dataclass(frozen=True)
@@ -297,7 +118,7 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
             use_additional_t_cond=use_additional_t_cond,
             use_layer3d_rope=use_layer3d_rope,
         )
-        self.image_rope_prepare = ImageRopePrepare(self.pos_embed, use_layer3d_rope=self.config.use_layer3d_rope)
+        self.image_rope_prepare = ImageRopePrepare(self.pos_embed)
         self.modulate_index_prepare = ModulateIndexPrepare(zero_cond_t=self.config.zero_cond_t)
         self.blocks_stage = BlocksStage(self.transformer_blocks)
         self.image_output = ImageOutput()
@@ -325,6 +146,7 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
                 f"Expected a diffusers QwenImageTransformer2DModel, got {type(transformer).__name__}. Load the "
                 "transformer of a Qwen-Image checkpoint (e.g. subfolder='transformer' of 'Qwen/Qwen-Image')."
             )
+        _refuse_hooks_lost_in_conversion(transformer)
         with torch.device("meta"):
             converted = cls.from_config(transformer.config)
         # LoRA layers loaded before the conversion have no place in a freshly built model: adopt them as they are.
@@ -352,9 +174,7 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
             axes_dim=list(transformer.pos_embed.axes_dim),
             scale_rope=transformer.pos_embed.scale_rope,
         )
-        converted.image_rope_prepare = ImageRopePrepare(
-            converted.pos_embed, use_layer3d_rope=converted.config.use_layer3d_rope
-        )
+        converted.image_rope_prepare = ImageRopePrepare(converted.pos_embed)
         converted.gradient_checkpointing = transformer.gradient_checkpointing
         converted.blocks_stage.gradient_checkpointing = transformer.gradient_checkpointing
         if transformer.gradient_checkpointing:
@@ -419,12 +239,20 @@ class QwenImageSPTransformer2DModel(QwenImageTransformer2DModel):
         >>> transformer.disable_cache()
         ```
         """
+        from ..hooks.sequence_parallel import get_sequence_parallel_runtime
         from ..hooks.teacache import TeaCacheConfig, apply_teacache
 
-        if not isinstance(config, TeaCacheConfig):
-            super().enable_cache(config)
+        if isinstance(config, TeaCacheConfig):
+            apply_teacache(self, config)
             return
-        apply_teacache(self, config)
+        if get_sequence_parallel_runtime(self) is not None:
+            raise ValueError(
+                f"{type(config).__name__} is not supported under sequence parallelism: diffusers' caches decide or "
+                "cache per rank, on each rank's shard of the image, so ranks can diverge and hang. Use "
+                "TeaCacheConfig (its decision is taken from statistics all-reduced over the ranks), or disable "
+                "sequence parallelism first."
+            )
+        super().enable_cache(config)
 
     def disable_cache(self) -> None:
         r"""diffusers' `disable_cache`, which also removes TeaCache."""
@@ -578,6 +406,29 @@ def _adopt_peft_layers(source: nn.Module, target: nn.Module) -> None:
             setattr(target, attribute, getattr(source, attribute))
 
 
+def _refuse_hooks_lost_in_conversion(transformer: nn.Module) -> None:
+    r"""
+    Raise a `ValueError` when a stock transformer carries hooks (offloading, caches) that converting it to a
+    [`QwenImageSPTransformer2DModel`] would drop: the conversion builds new modules around the same weights.
+    """
+    found = []
+    for module_name, module in transformer.named_modules():
+        where = module_name or "the root"
+        registry = getattr(module, "_diffusers_hook", None)
+        found += [f"{hook_name!r} on {where}" for hook_name in getattr(registry, "hooks", {})]
+        if getattr(module, "_hf_hook", None) is not None:
+            found.append(f"accelerate {type(module._hf_hook).__name__} on {where}")
+    if found:
+        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+        raise ValueError(
+            f"The {type(transformer).__name__} given carries hooks ({shown}) that converting it to "
+            "QwenImageSPTransformer2DModel would silently drop. Convert it without them and enable offloading or caches "
+            "afterwards (pipe.enable_model_cpu_offload(), pipe.enable_group_offload(...), "
+            "pipe.transformer.enable_cache(...)), or load it with QwenImageSPTransformer2DModel.from_pretrained(...) so "
+            "that no conversion is needed."
+        )
+
+
 def check_qwen_image_config(config: dict[str, Any], source: str) -> None:
     r"""Raise a `ValueError` naming `source` when `config` is not a Qwen-Image transformer config."""
     class_name = config.get("_class_name")
@@ -594,12 +445,7 @@ def check_qwen_image_config(config: dict[str, Any], source: str) -> None:
 
 
 __all__ = [
-    "BlocksStage",
     "DenoisingStep",
-    "ImageOutput",
-    "ImageRopePrepare",
-    "ModulateIndexPrepare",
-    "QwenImageBlockInputs",
     "QwenImageSPTransformer2DModel",
     "check_qwen_image_config",
 ]

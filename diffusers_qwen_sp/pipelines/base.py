@@ -101,29 +101,6 @@ def stock_parent(pipeline_cls: type) -> type:
     return next(cls for cls in pipeline_cls.__mro__ if cls.__module__.startswith("diffusers.pipelines."))
 
 
-def _refuse_hooks_lost_in_conversion(transformer: torch.nn.Module) -> None:
-    r"""
-    Raise a `ValueError` when a stock transformer carries hooks (offloading, caches) that converting it to a
-    [`QwenImageSPTransformer2DModel`] would drop: the conversion builds new modules around the same weights.
-    """
-    found = []
-    for module_name, module in transformer.named_modules():
-        where = module_name or "the root"
-        registry = getattr(module, "_diffusers_hook", None)
-        found += [f"{hook_name!r} on {where}" for hook_name in getattr(registry, "hooks", {})]
-        if getattr(module, "_hf_hook", None) is not None:
-            found.append(f"accelerate {type(module._hf_hook).__name__} on {where}")
-    if found:
-        shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
-        raise ValueError(
-            f"The {type(transformer).__name__} given carries hooks ({shown}) that converting it to "
-            "QwenImageSPTransformer2DModel would silently drop. Hand the transformer over without them and enable "
-            "offloading or caches on the pipeline afterwards (pipe.enable_model_cpu_offload(), "
-            "pipe.enable_group_offload(...), pipe.transformer.enable_cache(...)), or load it with "
-            "QwenImageSPTransformer2DModel.from_pretrained(...) so that no conversion is needed."
-        )
-
-
 class QwenImageSPPipelineMixin:
     r"""
     Mixin for the thin subclasses of diffusers' Qwen-Image pipelines.
@@ -158,7 +135,6 @@ class QwenImageSPPipelineMixin:
     def __setattr__(self, name: str, value: Any) -> None:
         # The stock constructors set the transformer through `register_modules` -> `setattr`: one place converts it.
         if name == "transformer" and value is not None and not isinstance(value, QwenImageSPTransformer2DModel):
-            _refuse_hooks_lost_in_conversion(value)
             value = QwenImageSPTransformer2DModel.from_transformer(value)
         super().__setattr__(name, value)
         if name == "transformer" and value is not None and "transformer" in getattr(self, "_internal_dict", {}):
@@ -221,7 +197,11 @@ class QwenImageSPPipelineMixin:
         with self._model_offload_outside():
             runtime = apply_sequence_parallel(self.transformer, config)
             if runtime.config.cfg_degree > 1:
-                apply_cfg_parallel(self.transformer, runtime.groups)
+                try:
+                    apply_cfg_parallel(self.transformer, runtime.groups)
+                except Exception:
+                    remove_sequence_parallel(self.transformer)  # all or nothing
+                    raise
         try:
             self._check_offload_devices()
         except ValueError:
@@ -438,10 +418,9 @@ class QwenImageSPPipelineMixin:
 
     @staticmethod
     def _uses_true_cfg(call: dict[str, Any]) -> bool:
-        # The stock rule: true CFG runs when true_cfg_scale > 1 and a negative prompt (or its embeddings) is given.
-        has_negative = call.get("negative_prompt") is not None or (
-            call.get("negative_prompt_embeds") is not None and call.get("negative_prompt_embeds_mask") is not None
-        )
+        # The stock rule of every Qwen-Image pipeline: true CFG runs when true_cfg_scale > 1 and a negative prompt or
+        # its embeddings are given (the mask may be None: encode_prompt returns None for an unpadded prompt).
+        has_negative = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
         return call.get("true_cfg_scale", 1.0) > 1 and has_negative
 
     @staticmethod
@@ -469,13 +448,13 @@ class QwenImageSPPipelineMixin:
 
     def _parallel_call(self, *args: Any, **kwargs: Any) -> Any:
         parallel = self.sequence_parallel_enabled
+        cfg_hook = get_cfg_parallel_hook(self.transformer)
         try:
             if parallel:
                 call = self._call_arguments(args, kwargs)
                 self._check_offload_devices()
                 # Different inputs on different ranks would run different collectives and hang far from the cause.
                 check_same_across_ranks(self._arguments_to_agree_on(call))
-                cfg_hook = get_cfg_parallel_hook(self.transformer)
                 if cfg_hook is not None:
                     cfg_hook.true_cfg = self._uses_true_cfg(call)
             with self.transformer.denoising_progress(self._denoising_step):
@@ -485,3 +464,6 @@ class QwenImageSPPipelineMixin:
                 raise
             # This rank's error only says that a socket closed or a wait timed out; the cause is on another rank.
             raise RuntimeError(self._peer_failure_message(error)) from error
+        finally:
+            if cfg_hook is not None:  # this call's CFG state ends with it, whether it returned or raised
+                cfg_hook.reset_state(self.transformer)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from diffusers import (
     QwenImageEditPipeline,
     QwenImageEditPlusPipeline,
@@ -52,9 +50,3 @@ class QwenImageLayeredSPPipeline(QwenImageSPPipelineMixin, QwenImageLayeredPipel
         "Qwen-Image-Layered (RGBA layer decomposition): diffusers' `QwenImageLayeredPipeline` with the staged "
         "transformer.\n" + _EXAMPLE.format(cls="QwenImageLayeredSPPipeline", repo="Qwen/Qwen-Image-Layered")
     )
-
-    @staticmethod
-    def _uses_true_cfg(call: dict[str, Any]) -> bool:
-        # Layered's own rule: negative embeddings count without their mask.
-        has_negative = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
-        return call.get("true_cfg_scale", 1.0) > 1 and has_negative
