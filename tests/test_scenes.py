@@ -27,7 +27,7 @@ from diffusers_qwen_sp.scenes import (
     shape_centres,
 )
 from diffusers_qwen_sp.scenes.grammar import _GROUP_JITTER, _RADIUS, _SHAPE_JITTER
-from diffusers_qwen_sp.scenes.teacache_curve import CurveSettings, markdown_curve, run_curve
+from diffusers_qwen_sp.bench.teacache_curve import CurveSettings, markdown_curve, run_curve
 from diffusers_qwen_sp.scenes.train import SceneTrainingConfig, evaluate_scene_pipeline, train_scene_model
 
 

@@ -1,5 +1,5 @@
 """`diffusers-qwen-sp bench-teacache`: TeaCache's speed/quality curve on the trained scene model, with sequence
-parallelism on and off (the measuring is `diffusers_qwen_sp.scenes.teacache_curve`)."""
+parallelism on and off (the measuring is `diffusers_qwen_sp.bench.teacache_curve`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
-from ..scenes.teacache_curve import CurveSettings, run_curve, write_curve_outputs
+from ..bench.teacache_curve import CurveSettings, run_curve, write_curve_outputs
 
 
 def register(subparsers: Any) -> None:

@@ -4,7 +4,6 @@ TeaCache's speed/quality trade-off can be measured without a GPU.
 - [`grammar`]: the scenes, their prompts, and the checks that judge an image against a prompt.
 - [`model`]: the configs of the small model and [`load_scene_pipeline`] for the weights shipped with the package.
 - [`train`]: `python -m diffusers_qwen_sp train-scenes`, which reproduces those weights from scratch on CPU.
-- [`teacache_curve`]: `python -m diffusers_qwen_sp bench-teacache`, TeaCache's speed/quality curve on the model.
 """
 
 from . import grammar, model

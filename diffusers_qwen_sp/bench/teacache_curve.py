@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,16 +29,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..bench import psnr, rotated
 from ..distributed import run_distributed
-from .grammar import check_image, scene_prompts
-from .model import (
+from ..scenes.grammar import check_image, scene_prompts
+from ..scenes.model import (
     SCENE_DEFAULT_STEPS,
     SCENE_IMAGE_SIZE,
     SCENE_TEACACHE_COEFFICIENTS,
     generate_scene_image,
     load_scene_pipeline,
 )
+from .instrumentation import rotated
+from .report import psnr
 
 
 __all__ = [
