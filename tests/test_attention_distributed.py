@@ -199,6 +199,7 @@ def _sp_worker(rank: int, world_size: int, meshes: list[tuple[int, int, int]], o
     # Every rank ends up with rank 0's structure and values.
     mine = (torch.full((2, 3), float(rank)), None, {"ids": torch.arange(4) + rank, "n": rank}, [torch.ones(1).bool()])
     out = {"plumbing": {"rank": rank, "all_reduce": total, "broadcast": broadcast_from_rank0(mine)}}
+    out["comm-functional"] = _functional_vs_c10d_bytes()
     try:
         ParallelGroups.create(ulysses_degree=3, ring_degree=1)
         out["degree_error"] = None
@@ -212,6 +213,23 @@ def _sp_worker(rank: int, world_size: int, meshes: list[tuple[int, int, int]], o
         out.update(_run_cases(groups, mesh, seed_offset=100_000 * groups.cfg_rank))
         out[f"comm-{_mesh_id(*mesh)}"] = _comm_bytes_case(groups)
     return out
+
+
+def _functional_vs_c10d_bytes() -> dict:
+    """The same traffic through functional collectives (diffusers' CP, compiled code) and through c10d."""
+    import torch.distributed._functional_collectives as funcol
+
+    chunk = torch.ones(4, 8)  # 128 bytes
+    with count_communication() as functional:
+        funcol.wait_tensor(funcol.all_to_all_single(chunk, None, None, group=dist.group.WORLD))
+        funcol.wait_tensor(funcol.all_gather_tensor(chunk, 0, group=dist.group.WORLD))
+        funcol.wait_tensor(funcol.all_reduce(chunk, "sum", group=dist.group.WORLD))
+    with count_communication() as c10d:
+        dist.all_to_all_single(torch.empty_like(chunk), chunk)
+        dist.all_gather_into_tensor(torch.empty(4 * dist.get_world_size(), 8), chunk)
+        dist.all_reduce(chunk.clone())
+    return {name: (stats.bytes_sent, stats.bytes_received, dict(stats.calls), dict(stats.bytes_sent_by_op))
+            for name, stats in (("functional", functional), ("c10d", c10d))}
 
 
 def _expected_comm_bytes(ulysses: int, ring: int, image_len: int) -> int:
@@ -329,6 +347,16 @@ def test_communication_of_one_call(spawned, world_size, mesh):
         assert comm["calls"] == calls, f"rank {rank}: {comm}"
         if bytes_sent is not None:
             assert comm["bytes_sent"] == bytes_sent, f"rank {rank}: {comm}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_count_communication_sees_functional_collectives_like_c10d(spawned, world_size):
+    per_op = {"all_to_all": 128 * (world_size - 1) // world_size, "all_gather": 128 * (world_size - 1),
+              "all_reduce": 128}  # a 128-byte chunk: P - 1 of P parts, P - 1 copies, once
+    for rank, counted in enumerate(spawned[world_size].case("comm-functional")):
+        assert counted["functional"] == counted["c10d"], f"rank {rank}: {counted}"
+        assert counted["c10d"][3] == per_op and counted["c10d"][2] == dict.fromkeys(per_op, 1), f"rank {rank}"
 
 
 @pytest.mark.distributed

@@ -1,8 +1,9 @@
 """Communication accounting for benchmarks, installed around the code it measures.
 
-[`count_communication`] is a `TorchDispatchMode`: while its `with` block is active it sees every c10d collective
-this rank issues (ours in the attention, the SP gather and the CFG exchange, and any other, e.g. diffusers' context
-parallelism or FSDP), and adds up its bytes. Nothing in the collectives or in the transformer blocks records anything,
+[`count_communication`] is a `TorchDispatchMode`: while its `with` block is active it sees every collective this rank
+issues in eager code, c10d ops (ours in the attention, the SP gather and the CFG exchange, FSDP's) and functional
+collectives (diffusers' context parallelism) alike, and adds up its bytes; gather/scatter/reduce-to-one-rank ops,
+which nothing here uses, are not counted. Nothing in the collectives or in the transformer blocks records anything,
 so the blocks stay free of Python state and `torch.compile` traces them whole; outside the block the mode is not
 installed and costs nothing.
 """
@@ -56,33 +57,56 @@ def _nbytes(tensors: Any) -> int:
 
 def _group_size(args: tuple) -> int:
     for arg in args:
-        if isinstance(arg, torch.ScriptObject):
+        if isinstance(arg, torch.ScriptObject):  # c10d ops take the ProcessGroup itself
             return dist.ProcessGroup.unbox(arg).size()
-    raise RuntimeError("count_communication: a c10d op without a process group argument.")
+    if isinstance(args[-1], str):  # functional collectives take the group's name last
+        return dist.distributed_c10d._resolve_process_group(args[-1]).size()
+    raise RuntimeError("count_communication: a collective without a process group argument.")
 
 
-def _measure(name: str, args: tuple) -> tuple[str, int, int, bool] | None:
-    """(our op name, bytes sent, bytes received, counts as a call) of the c10d op `name`, or None to ignore it.
+# Functional collectives (`torch.distributed._functional_collectives`, what diffusers' context parallelism and
+# compiled code call) -> the c10d op of the same traffic, measured the same way.
+_FUNCTIONAL = {
+    "all_to_all_single": "alltoall_base_",
+    "all_gather_into_tensor": "_allgather_base_",
+    "reduce_scatter_tensor": "_reduce_scatter_base_",
+    "all_reduce": "allreduce_",
+    "broadcast": "broadcast_",
+}
+# c10d ops whose first argument is the output and second the input.
+_OUTPUT_FIRST = (
+    "alltoall_base_", "alltoall_", "_allgather_base_", "allgather_", "allgather_into_tensor_coalesced_",
+    "_reduce_scatter_base_", "reduce_scatter_tensor_coalesced_",
+)
+
+
+def _measure(name: str, args: tuple, functional: bool) -> tuple[str, int, int, bool] | None:
+    """(our op name, bytes sent, bytes received, counts as a call) of the collective `name`, or None to ignore it.
 
     Bytes follow what each rank must move at least: an all-to-all keeps its own chunk, an all-gather receives the
     P - 1 other chunks and sends its own to P - 1 ranks, an all-reduce and a broadcast count once at their size, a
     P2P pair counts one call (the send) with the bytes of each side.
     """
+    if functional:
+        name = _FUNCTIONAL.get(name, "")
+        tensors = args[0]  # functional collectives take (input, ..., group name) and return the output
+    else:
+        tensors = args[1] if name in _OUTPUT_FIRST else args[0]  # (output, input, group, ...) or (tensors, group, ...)
     if name in ("alltoall_base_", "alltoall_"):
-        moved = _nbytes(args[1]) * (_group_size(args) - 1) // _group_size(args)
+        moved = _nbytes(tensors) * (_group_size(args) - 1) // _group_size(args)
         return "all_to_all", moved, moved, True
     if name in ("_allgather_base_", "allgather_", "allgather_into_tensor_coalesced_"):
-        moved = _nbytes(args[1]) * (_group_size(args) - 1)
+        moved = _nbytes(tensors) * (_group_size(args) - 1)
         return "all_gather", moved, moved, True
     if name in ("_reduce_scatter_base_", "reduce_scatter_tensor_coalesced_"):
-        moved = _nbytes(args[1]) * (_group_size(args) - 1) // _group_size(args)
+        moved = _nbytes(tensors) * (_group_size(args) - 1) // _group_size(args)
         return "reduce_scatter", moved, moved, True
     if name in ("allreduce_", "broadcast_"):
-        return name.rstrip("_").replace("allreduce", "all_reduce"), _nbytes(args[0]), _nbytes(args[0]), True
+        return ("all_reduce" if name == "allreduce_" else "broadcast"), _nbytes(tensors), _nbytes(tensors), True
     if name == "send":
-        return "p2p", _nbytes(args[0]), 0, True
+        return "p2p", _nbytes(tensors), 0, True
     if name == "recv_":
-        return "p2p", 0, _nbytes(args[0]), False
+        return "p2p", 0, _nbytes(tensors), False
     return None
 
 
@@ -92,8 +116,9 @@ class _CommunicationCounter(TorchDispatchMode):
         self.stats = stats
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if func.namespace == "c10d":
-            measured = _measure(func._schema.name.split("::")[-1], args)
+        if func.namespace in ("c10d", "_c10d_functional"):
+            name = func._schema.name.split("::")[-1]
+            measured = _measure(name, args, functional=func.namespace == "_c10d_functional")
             if measured is not None:
                 self.stats.record(*measured)
         return func(*args, **(kwargs or {}))
