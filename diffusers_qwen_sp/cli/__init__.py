@@ -23,6 +23,7 @@ COMMANDS = (generate, serve, calibrate, bench, bench_teacache, train_scenes, doc
 
 
 def build_parser() -> argparse.ArgumentParser:
+    r"""The parser of every command in `COMMANDS`."""
     parser = argparse.ArgumentParser(
         prog="diffusers-qwen-sp",
         description="Run the Qwen-Image family with diffusers_qwen_sp. Launch with torchrun or accelerate launch for "
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    r"""Run the command line `argv` (default: `sys.argv[1:]`); returns the exit code (2 for a `ValueError`)."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -34,6 +34,7 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 
 
 def median(values: list[float]) -> float | None:
+    r"""The median of `values`, `None` when there are none."""
     return statistics.median(values) if values else None
 
 
@@ -44,6 +45,7 @@ def describe(error: BaseException) -> str:
 
 
 def free_memory(device: torch.device) -> None:
+    r"""Collect garbage and, on CUDA, return cached blocks, so that the next section starts from a clean heap."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -146,5 +148,6 @@ def range_scaled_diff(output: torch.Tensor, reference: torch.Tensor) -> dict[str
 
 
 def within_bar(diff: dict[str, float], dtype: str) -> bool:
+    r"""Whether a `{"mean", "max"}` difference meets the parity bar of `dtype` ([`PARITY_BARS`])."""
     bar = PARITY_BARS[dtype]
     return diff["mean"] <= bar["mean"] and diff["max"] <= bar["max"]

@@ -17,6 +17,7 @@ FAILING = ("fail", "error")
 
 
 def overall_verdict(sections: dict[str, dict[str, Any]]) -> str:
+    r"""`"fail"` when any section failed or raised, else `"pass"`."""
     return "fail" if any(section.get("verdict") in FAILING for section in sections.values()) else "pass"
 
 

@@ -229,9 +229,11 @@ class QwenImageSPPipelineMixin:
         return broadcast_from_rank0(value) if self.sequence_parallel_enabled else value
 
     def encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
+        r"""The stock `encode_prompt`; under parallelism every rank gets rank 0's embeddings."""
         return self._sync_across_ranks(super().encode_prompt(*args, **kwargs))
 
     def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
+        r"""The stock `prepare_latents`; under parallelism every rank gets rank 0's noise."""
         return self._sync_across_ranks(super().prepare_latents(*args, **kwargs))
 
     # ------------------------------------------------------------------ offloading
