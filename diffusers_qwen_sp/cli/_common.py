@@ -47,7 +47,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_size: str, defa
 
 
 def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    r"""The `parallelism` option group: SP degrees, CFG parallel, the attention kernel and the collective timeout."""
+    r"""The `parallelism` option group: SP degrees, CFG parallel, the attention kernel, the collective timeout and
+    weight sharding."""
     group = parser.add_argument_group(
         "parallelism", "launch with `torchrun --nproc-per-node N -m diffusers_qwen_sp ...` (or accelerate launch)"
     )
@@ -61,6 +62,10 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
                        "CUDA), _native_efficient (CUDA), flash (the flash-attn package), math")
     group.add_argument("--timeout", type=float, default=600.0,
                        help="collective timeout in seconds: a dead rank stops the others after this long")
+    group.add_argument("--shard-weights", nargs="?", const="world", default=None, choices=("world", "sp"),
+                       help="keep only a shard of each transformer block per process (FSDP2), all-gathered block by "
+                       "block: over every process (default) or over each SP group ('sp': for TeaCache with "
+                       "--cfg-parallel)")
 
 
 def sequence_parallel_config(args: argparse.Namespace) -> Any:
@@ -71,7 +76,13 @@ def sequence_parallel_config(args: argparse.Namespace) -> Any:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg = 2 if args.cfg_parallel else 1
     ulysses, ring = args.ulysses_degree, args.ring_degree
+    shard_weights = getattr(args, "shard_weights", None) or False
     if world_size == 1 and cfg * (ulysses or 1) * (ring or 1) == 1:
+        if shard_weights:
+            raise ValueError(
+                "--shard-weights shards the transformer over several processes; this is one. Launch with "
+                "`torchrun --nproc-per-node N -m diffusers_qwen_sp ...` or leave --shard-weights out."
+            )
         return None
     if ulysses is None or ring is None:  # the degree not given takes the processes left
         given = cfg * (ulysses or ring or 1)
@@ -86,5 +97,5 @@ def sequence_parallel_config(args: argparse.Namespace) -> Any:
             ring = world_size // given
     return SequenceParallelConfig(
         ulysses_degree=ulysses or 1, ring_degree=ring or 1, cfg_degree=cfg,
-        attention_backend=args.attention_backend, timeout=args.timeout,
+        attention_backend=args.attention_backend, timeout=args.timeout, shard_weights=shard_weights,
     )

@@ -89,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         cfg_parallel=args.cfg_parallel,
         dp_degree=args.dp_degree,
         attention_backend=args.attention_backend,
+        shard_weights=args.shard_weights or False,
         timeout=args.timeout,
         teacache=args.teacache,
         max_batch_size=args.max_batch_size,
@@ -115,7 +116,7 @@ def load_for_serving(config: Any) -> Any:
     device, dtype = device_and_dtype(SimpleNamespace(device=config.device, dtype=config.dtype))
     sp_config = sequence_parallel_config(SimpleNamespace(
         ulysses_degree=config.ulysses_degree, ring_degree=config.ring_degree, cfg_parallel=config.cfg_parallel,
-        attention_backend=config.attention_backend, timeout=config.timeout,
+        attention_backend=config.attention_backend, timeout=config.timeout, shard_weights=config.shard_weights,
     ))
     pipe, scene = load_pipeline(config.model, dtype)
     if sp_config is not None:

@@ -53,6 +53,11 @@ class SequenceParallelConfig:
         timeout (`float`, defaults to `600.0`):
             Collective timeout in seconds used when this package initialises torch.distributed: a dead rank ends the
             others with an error after this long instead of a hang.
+        shard_weights (`bool` or `str`, defaults to `False`):
+            Also shard the transformer blocks' weights with FSDP2 (`diffusers_qwen_sp.weight_sharding`), applied by
+            `pipe.enable_sequence_parallel`: `True` or `"world"` over every process, `"sp"` over each SP group (for
+            TeaCache under CFG parallel). Cannot be undone. At the transformer level `apply_sequence_parallel` does
+            not read it: call `apply_weight_sharding(transformer, WeightShardingConfig(group=...), runtime.groups)`.
     """
 
     ulysses_degree: int = 1
@@ -60,6 +65,7 @@ class SequenceParallelConfig:
     cfg_degree: int = 1
     attention_backend: str = "auto"
     timeout: float = 600.0
+    shard_weights: bool | str = False
 
     def __post_init__(self) -> None:
         for name in ("ulysses_degree", "ring_degree", "cfg_degree"):
@@ -71,6 +77,18 @@ class SequenceParallelConfig:
         check_attention_backend(self.attention_backend, owner="SequenceParallelConfig.attention_backend")
         if not self.timeout > 0:
             raise ValueError(f"SequenceParallelConfig.timeout must be positive (seconds), got {self.timeout!r}.")
+        if not (isinstance(self.shard_weights, bool) or self.shard_weights in ("world", "sp")):
+            raise ValueError(
+                "SequenceParallelConfig.shard_weights must be False, True, 'world' (shard over every process) or 'sp' "
+                f"(over each SP group), got {self.shard_weights!r}."
+            )
+
+    @property
+    def weight_sharding_group(self) -> str | None:
+        """The group `shard_weights` asks to shard the weights over (`"world"` or `"sp"`), or `None`."""
+        if self.shard_weights is False:
+            return None
+        return "world" if self.shard_weights is True else self.shard_weights
 
     @property
     def sp_degree(self) -> int:

@@ -29,6 +29,12 @@ from ..hooks.sequence_parallel import (
 from ..hooks.teacache import TeaCacheConfig, remove_teacache
 from ..hooks.teacache import teacache_stats as transformer_teacache_stats
 from ..models import DenoisingStep, QwenImageSPTransformer2DModel
+from ..weight_sharding import (
+    WeightShardingConfig,
+    apply_weight_sharding,
+    get_weight_sharding,
+    remove_weight_sharding,
+)
 
 
 # What model_index.json names for the transformer (see `QwenImageSPPipelineMixin.__setattr__`).
@@ -173,9 +179,14 @@ class QwenImageSPPipelineMixin:
         to its own GPU (see [`~QwenImageSPPipelineMixin.enable_model_cpu_offload`]). `enable_sequential_cpu_offload`
         is refused (`ValueError`): use leaf-level group offloading instead.
 
+        With `shard_weights=True` (or `"sp"`) every rank also keeps only its shard of each transformer block (FSDP2,
+        see `diffusers_qwen_sp.weight_sharding`): load LoRA adapters before, do not offload, and expect no way back
+        (`disable_sequence_parallel` then raises; load the pipeline again to run unsharded).
+
         Args:
-            config ([`SequenceParallelConfig`], *optional*): the degrees; or pass its fields as keyword arguments.
-                Default: Ulysses over all processes.
+            config ([`SequenceParallelConfig`], *optional*): the degrees; or pass its fields as keyword arguments
+                (`ulysses_degree`, `ring_degree`, `cfg_degree`, `shard_weights`, ...). Default: Ulysses over all
+                processes.
 
         Example:
 
@@ -204,8 +215,13 @@ class QwenImageSPPipelineMixin:
                     raise
         try:
             self._check_offload_devices()
-        except ValueError:
-            self.disable_sequence_parallel()
+            if runtime.config.weight_sharding_group is not None:
+                # Its checks (offloading, quantized weights) raise alike on every rank, before any collective.
+                apply_weight_sharding(
+                    self.transformer, WeightShardingConfig(group=runtime.config.weight_sharding_group), runtime.groups
+                )
+        except (ValueError, TypeError, RuntimeError):
+            self.disable_sequence_parallel()  # all or nothing (the sharding, applied last, is not applied on error)
             raise
         # Not under model offload, whose hooks place the models; group-offloaded models are left alone by `to`.
         if not offloaded and self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
@@ -213,7 +229,12 @@ class QwenImageSPPipelineMixin:
         logger.info(f"Sequence parallelism enabled: {runtime.groups}")
 
     def disable_sequence_parallel(self) -> None:
-        r"""Remove sequence (and CFG) parallelism; the pipeline runs unsharded again (process groups stay initialised)."""
+        r"""
+        Remove sequence (and CFG) parallelism; the pipeline runs unsharded again (process groups stay initialised).
+        Raises a `RuntimeError`, changing nothing, when the weights are sharded (`shard_weights`): FSDP2 cannot be
+        undone; load the pipeline again instead.
+        """
+        remove_weight_sharding(self.transformer)  # raises if the weights are sharded, before anything is removed
         with self._model_offload_outside():
             if get_cfg_parallel_hook(self.transformer) is not None:
                 remove_cfg_parallel(self.transformer)
@@ -260,6 +281,7 @@ class QwenImageSPPipelineMixin:
         >>> pipe.enable_model_cpu_offload()  # rank 0 computes on cuda:0, rank 1 on cuda:1
         ```
         """
+        self._refuse_offload_of_sharded_weights("enable_model_cpu_offload")
         target = self._offload_target_of_this_rank("enable_model_cpu_offload", gpu_id, device)
         super().enable_model_cpu_offload(**target)
 
@@ -274,6 +296,14 @@ class QwenImageSPPipelineMixin:
         if self.sequence_parallel_enabled:
             raise ValueError(SEQUENTIAL_OFFLOAD_UNSUPPORTED)
         super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
+
+    def _refuse_offload_of_sharded_weights(self, method: str) -> None:
+        if get_weight_sharding(self.transformer) is not None:
+            raise ValueError(
+                f"{method}: the transformer's weights are sharded across ranks (shard_weights); offloading would move "
+                "FSDP's shards behind its back. Sharding already divides the weights by the world size: use one or "
+                "the other (load the pipeline again without shard_weights to offload)."
+            )
 
     def _offload_target_of_this_rank(
         self, method: str, gpu_id: int | None, device: torch.device | str | None

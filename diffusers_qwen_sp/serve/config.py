@@ -36,6 +36,8 @@ class ServeConfig:
         dp_degree (`int`, defaults to `1`): data-parallel replicas (world = dp x cfg x ring x ulysses). Only 1 is
             implemented.
         attention_backend (`str`, defaults to `"auto"`): the per-block attention kernel (see `generate --help`).
+        shard_weights (`bool` or `str`, defaults to `False`): shard the transformer blocks' weights (FSDP2) over the
+            world (`True`, `"world"`) or each SP group (`"sp"`); see `SequenceParallelConfig`.
         timeout (`float`, defaults to `600.0`): collective timeout in seconds: a dead or stuck rank ends the service
             after at most this long.
         teacache (`float`, *optional*): TeaCache threshold; `None` computes every step.
@@ -68,6 +70,7 @@ class ServeConfig:
     cfg_parallel: bool = False
     dp_degree: int = 1
     attention_backend: str = "auto"
+    shard_weights: bool | str = False
     timeout: float = 600.0
     teacache: float | None = None
     max_batch_size: int | None = None
