@@ -36,10 +36,7 @@ torch.Size([1, 3, 64, 64])
 ```
 """
 
-import contextlib
-import functools
 import os
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,16 +54,12 @@ from diffusers import (
     QwenImagePipeline,
     QwenImageTransformer2DModel,
 )
-from diffusers.pipelines.qwenimage import (
-    pipeline_qwenimage_edit,
-    pipeline_qwenimage_edit_plus,
-    pipeline_qwenimage_layered,
-)
 from diffusers.utils import logging
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.video_processing_utils import BaseVideoProcessor
 
+from .reference_images import small_reference_images
 from ..small_components import (
     QWEN_SPECIAL_TOKENS,
     VISION_MERGE_SIZE,
@@ -138,7 +131,6 @@ _TOKENIZER_CORPUS: tuple[str, ...] = (
 _PROCESSOR_MIN_PIXELS = 56 * 56
 _PROCESSOR_MAX_PIXELS = 112 * 112
 
-_DEFAULT_REFERENCE_AREA = 64 * 64
 
 
 @dataclass(frozen=True)
@@ -562,69 +554,3 @@ def tiny_pipeline_call_kwargs(variant: str, **overrides: Any) -> dict[str, Any]:
         kwargs.update(image=_tiny_image(64, 64, "RGBA", seed=0), layers=2, resolution=640)
     kwargs.update(overrides)
     return kwargs
-
-
-def _capped_area(calculate_dimensions: Callable[..., Any], area: int) -> Callable[..., Any]:
-    @functools.wraps(calculate_dimensions)
-    def capped(target_area: float, ratio: float) -> Any:
-        return calculate_dimensions(min(target_area, area), ratio)
-
-    return capped
-
-
-@contextlib.contextmanager
-def small_reference_images(area: int = _DEFAULT_REFERENCE_AREA) -> Iterator[None]:
-    r"""
-    Temporarily shrink the reference-image sizes the stock edit and layered pipelines hard-code. **Test-only.**
-
-    Inside the block:
-
-    - `pipeline_qwenimage_edit_plus.VAE_IMAGE_SIZE` (1024x1024) and `CONDITION_IMAGE_SIZE` (384x384) are capped at
-      `area`;
-    - `calculate_dimensions` in `pipeline_qwenimage_edit`, `pipeline_qwenimage_edit_plus` and
-      `pipeline_qwenimage_layered` caps its target area at `area`. That is the 1024x1024 VAE image of Edit, the default
-      output size of Edit and Edit-Plus, and the 640x640 / 1024x1024 `resolution` buckets of Layered (which also set
-      its output size).
-
-    Sizes still keep each image's aspect ratio and are rounded to multiples of 32, as the pipelines do; areas already
-    below the cap are left alone. Nested blocks combine their caps (an inner block can lower the cap, not raise it).
-    This patches module globals of diffusers for the whole process, so it is not thread-safe; everything is restored
-    on exit, also on error.
-
-    Args:
-        area (`int`, defaults to `64 * 64`):
-            Largest area in pixels; at least `32 * 32`.
-
-    Example:
-
-    ```py
-    >>> from diffusers_qwen_sp.testing import build_tiny_pipeline, small_reference_images, tiny_pipeline_call_kwargs
-
-    >>> pipe = build_tiny_pipeline("qwen_image_layered")
-    >>> with small_reference_images():
-    ...     layers = pipe(**tiny_pipeline_call_kwargs("qwen_image_layered")).images[0]
-    >>> layers.shape  # (layers, RGBA, height, width)
-    torch.Size([2, 4, 64, 64])
-    ```
-    """
-    if isinstance(area, bool) or not isinstance(area, int) or area < 32 * 32:
-        raise ValueError(
-            f"`area` must be an int of at least {32 * 32} (32x32 px, the pipelines round sizes to multiples of 32), "
-            f"got {area!r}."
-        )
-    replacements: list[tuple[Any, str, Any]] = [
-        (module, "calculate_dimensions", _capped_area(module.calculate_dimensions, area))
-        for module in (pipeline_qwenimage_edit, pipeline_qwenimage_edit_plus, pipeline_qwenimage_layered)
-    ]
-    for name in ("VAE_IMAGE_SIZE", "CONDITION_IMAGE_SIZE"):
-        replacements.append(
-            (pipeline_qwenimage_edit_plus, name, min(getattr(pipeline_qwenimage_edit_plus, name), area))
-        )
-    originals = [(module, name, getattr(module, name)) for module, name, _ in replacements]
-    try:
-        for module, name, value in replacements:
-            setattr(module, name, value)
-        yield
-    finally:
-        for module, name, value in reversed(originals):
-            setattr(module, name, value)
