@@ -440,8 +440,8 @@ MODES = {
 # world size -> [(mode, sequence)]
 MODE_SEQUENCES = {
     2: [(mode, sequence) for mode in ("ulysses2", "ring2") for sequence in ("ops", "switch")]
-    + [("ulysses2", "lightning"), ("cfg2", "lightning")],
-    4: [(mode, sequence) for mode in ("ulysses2ring2", "cfg2ulysses2") for sequence in ("ops", "switch")],
+    + [("ulysses2", "lightning"), ("ring2", "lightning"), ("cfg2", "lightning")],
+    4: [(mode, sequence) for mode in ("ulysses2ring2", "cfg2ulysses2") for sequence in ("ops", "switch", "lightning")],
 }
 
 

@@ -59,7 +59,6 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Q
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.video_processing_utils import BaseVideoProcessor
 
-from .reference_images import small_reference_images
 from ..small_components import (
     QWEN_SPECIAL_TOKENS,
     VISION_MERGE_SIZE,
@@ -70,6 +69,7 @@ from ..small_components import (
     small_text_encoder_config,
     small_vae_config,
 )
+from .reference_images import small_reference_images
 
 
 logger = logging.get_logger(__name__)
