@@ -258,12 +258,14 @@ def _agree(error: str) -> str:
     return error or ("failed on another rank" if failed else "")
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    r"""Wait for the device's queued work, so that a wall-clock time covers it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _describe(error: BaseException) -> str:
+def describe(error: BaseException) -> str:
+    r"""One line naming an exception, for a report."""
     text = f"{type(error).__name__}: {error}".strip().rstrip(":")
     return text.splitlines()[0][:300] if text else type(error).__name__
 
@@ -277,9 +279,9 @@ def _timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float
     try:
         with torch.no_grad():
             output = fn()
-        _synchronize(device)
+        synchronize(device)
     except Exception as exc:  # noqa: BLE001 - a row that cannot run is reported as n/a, not fatal
-        error = _describe(exc)
+        error = describe(exc)
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     slowest, cpu, failed = _all_reduce_max([elapsed, cpu, 1.0 if error else 0.0])
     if failed and not error:

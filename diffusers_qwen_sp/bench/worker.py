@@ -29,7 +29,7 @@ from .instrumentation import (
     cpu_name,
     _agree,
     _count_bytes,
-    _describe,
+    describe,
     _max_abs_diff,
     _timed_call,
     cpu_accelerator_count,
@@ -91,8 +91,9 @@ def _load_transformer(model: str, device: torch.device, dtype: torch.dtype) -> Q
     return transformer.to(device).eval()
 
 
-def _shared_stock_copy(stock: QwenImageTransformer2DModel) -> QwenImageTransformer2DModel:
-    """A second stock instance whose parameters are the same tensors (no copy), for diffusers' CP to change."""
+def shared_stock_copy(stock: QwenImageTransformer2DModel) -> QwenImageTransformer2DModel:
+    r"""A second stock instance whose parameters are the same tensors (no copy), for diffusers' CP or compilation to
+    change while the original stays as it is."""
     with torch.device("meta"):
         copy = QwenImageTransformer2DModel.from_config(stock.config)
     copy.load_state_dict(stock.state_dict(), strict=True, assign=True)
@@ -144,7 +145,7 @@ class _Runner:
             self.transformer = stock
             self.pipe = QwenImagePipeline(transformer=stock, **components)
         elif spec.kind == "diffusers_cp":
-            self.transformer = _shared_stock_copy(stock)
+            self.transformer = shared_stock_copy(stock)
             with cpu_accelerator_count():
                 self.transformer.enable_parallelism(
                     config=ContextParallelConfig(ulysses_degree=spec.ulysses, ring_degree=spec.ring)
@@ -260,7 +261,7 @@ def _bench_worker(rank: int, world: int, settings: BenchSettings, rows: tuple[Ro
             try:
                 runner.build(stock, settings)
             except Exception as exc:  # noqa: BLE001 - e.g. diffusers CP refusing this setup: reported as n/a
-                error = _describe(exc)
+                error = describe(exc)
             error = _agree(error)
         runner.error = error
 

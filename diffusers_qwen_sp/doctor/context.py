@@ -13,13 +13,8 @@ from typing import Any
 
 import torch
 
+from ..bench.instrumentation import describe, synchronize  # noqa: F401 - describe: for the sections
 from .settings import DoctorSettings
-
-
-def synchronize(device: torch.device) -> None:
-    r"""Wait for the device's queued work, so that a wall-clock time covers it (a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
@@ -36,12 +31,6 @@ def time_call(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 def median(values: list[float]) -> float | None:
     r"""The median of `values`, `None` when there are none."""
     return statistics.median(values) if values else None
-
-
-def describe(error: BaseException) -> str:
-    r"""One line naming an exception, for a report."""
-    text = f"{type(error).__name__}: {error}".strip().rstrip(":")
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def free_memory(device: torch.device) -> None:

@@ -19,6 +19,7 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 
 from ..bench import PeakMemory, forward_inputs, rotated
+from ..bench.worker import shared_stock_copy
 from ..models import QwenImageSPTransformer2DModel
 from .context import DoctorContext, PARITY_BARS, describe, median, range_scaled_diff, time_call, within_bar
 
@@ -28,18 +29,6 @@ MODELS: tuple[str, ...] = ("stock", "ours")
 
 def _size_key(height: int, width: int) -> str:
     return f"{height}x{width}"
-
-
-def shared_stock_copy(stock: QwenImageTransformer2DModel) -> QwenImageTransformer2DModel:
-    r"""A second stock model whose parameters are the same tensors (no copy): its modules can be compiled while the
-    original's stay eager."""
-    with torch.device("meta"):
-        copy = QwenImageTransformer2DModel.from_config(stock.config)
-    copy.load_state_dict(stock.state_dict(), strict=True, assign=True)
-    # The rotary tables are plain tensors built by the constructor (meta here): rebuild them like the constructor.
-    rope = stock.pos_embed
-    copy.pos_embed = type(rope)(theta=rope.theta, axes_dim=list(rope.axes_dim), scale_rope=rope.scale_rope)
-    return copy.eval()
 
 
 def _interleaved(
