@@ -6,7 +6,7 @@ transformer whose forward is split into hookable stages.
 """
 
 from .community import custom_pipeline_path
-from .hooks import SequenceParallelConfig, TeaCacheConfig
+from .hooks import PatchParallelVAEConfig, SequenceParallelConfig, TeaCacheConfig
 from .models import QwenImageSPTransformer2DModel
 from .pipelines import (
     QwenImageEditPlusSPPipeline,
@@ -24,6 +24,7 @@ __all__ = [
     "QwenImageLayeredSPPipeline",
     "QwenImageSPPipeline",
     "QwenImageSPTransformer2DModel",
+    "PatchParallelVAEConfig",
     "SequenceParallelConfig",
     "TeaCacheConfig",
     "custom_pipeline_path",

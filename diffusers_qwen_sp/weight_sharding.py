@@ -2,7 +2,8 @@
 
 Sequence parallelism splits activations, not weights: without this every rank holds the whole transformer (41 GB in
 bf16 for Qwen-Image). [`apply_weight_sharding`] shards every transformer block's parameters over a group of ranks
-(default: the whole world) with FSDP2, on a 1D `DeviceMesh` built over a process group of its own:
+(default: the whole world; with data-parallel replicas, each replica's ranks) with FSDP2, on a 1D `DeviceMesh` built
+over a process group of its own:
 
 - **Per block.** `fully_shard(block, reshard_after_forward=True)` on each of `transformer_blocks`, then on the root.
   A block's pre-forward all-gathers its parameters (one collective per block), its post-forward frees them: at rest a
@@ -65,8 +66,10 @@ class WeightShardingConfig:
 
     Args:
         group (`str`, defaults to `"world"`):
-            The ranks that share each block's parameters. `"world"`: every process (each holds `1/world` of every
-            block). `"sp"`: the ranks of one sequence-parallel group (`ulysses_degree * ring_degree`); each CFG
+            The ranks that share each block's parameters. `"world"`: every process of the replica (each holds
+            `1/world` of every block; with data-parallel replicas, `dp_degree > 1`, "world" means the replica's
+            ranks: a group spanning replicas would all-gather across replicas that run different requests, and
+            hang). `"sp"`: the ranks of one sequence-parallel group (`ulysses_degree * ring_degree`); each CFG
             branch then holds a whole copy, split over its SP ranks. Use `"sp"` for TeaCache under CFG parallel with
             true CFG: each branch decides its skips over its own SP group, so the two branches may run the blocks on
             different steps, and a group spanning both would wait on an all-gather that never comes (refused with an
@@ -239,11 +242,16 @@ def _mesh_device_type() -> str:
     return "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
 
 
-def _shard_group(groups: ParallelGroups, group: str) -> tuple[list[int], dist.ProcessGroup]:
-    r"""Create the shard process groups (a collective over every rank) and return this rank's ranks and group."""
+def shard_process_group(groups: ParallelGroups, group: str) -> tuple[list[int], dist.ProcessGroup]:
+    r"""
+    Create the shard process groups of `group` (`"world"`: each replica's ranks; `"sp"`: each SP group), one per
+    replica or SP group, and return this rank's ranks and group. Groups of their own: their all-gathers never queue
+    behind the SP collectives or the input broadcasts. A collective over every rank.
+    """
     world_size = dist.get_world_size()
-    if group == "world":
-        layout = [list(range(world_size))]
+    if group == "world":  # the replica's ranks: the whole world when dp_degree == 1
+        size = groups.replica_size
+        layout = [list(range(dp * size, (dp + 1) * size)) for dp in range(world_size // size)]
     else:
         sp = groups.sp_world_size
         layout = [list(range(cfg * sp, (cfg + 1) * sp)) for cfg in range(world_size // sp)]
@@ -285,6 +293,69 @@ def _check_shardable(transformer: nn.Module) -> nn.ModuleList:
     return blocks
 
 
+def fully_shard_modules(
+    root: nn.Module,
+    modules: list[nn.Module],
+    process_group: dist.ProcessGroup,
+    *,
+    prefetch: bool = True,
+    ignored_params: set[nn.Parameter] | None = None,
+) -> tuple[Any, PointToPointAllGather | None]:
+    r"""
+    Shard each of `modules` (e.g. a model's blocks) over `process_group` with FSDP2, then mark `root` as the root of
+    the forward, which keeps every other parameter of `root` whole and owns none (see the module docstring: per
+    module, prefetch, and on CPU an asynchronous point-to-point all-gather). The transformer blocks and the text
+    encoder's decoder layers are sharded by this one function.
+
+    Args:
+        root (`nn.Module`): the model whose forward runs `modules`.
+        modules (`list[nn.Module]`): the modules to shard, in the order the forward runs them (prefetch follows it).
+        process_group (`ProcessGroup`): the ranks sharing each module's parameters.
+        prefetch (`bool`, defaults to `True`): all-gather the next module while the current one computes.
+        ignored_params (`set[nn.Parameter]`, *optional*): parameters inside `modules` to keep whole on every rank.
+
+    Returns:
+        `tuple`: the 1D `DeviceMesh` over `process_group` and the CPU all-gather (`None` on CUDA: FSDP2's own).
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    ignored_params = set(ignored_params or ())
+    # The dimension name "fsdp" tells PEFT that a sharded linear still computes the whole projection: a LoRA added
+    # after sharding is then sized from the whole weight, not from this rank's shard as under tensor parallelism.
+    mesh = DeviceMesh.from_group(process_group, _mesh_device_type(), mesh_dim_names=("fsdp",))
+    sharded_params = {parameter for module in modules for parameter in module.parameters()}
+    for module in modules:
+        fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=ignored_params or None)
+    # The root owns no parameters: it marks the root of the forward, so the modules (non-roots) reshard after use.
+    fully_shard(
+        root,
+        mesh=mesh,
+        reshard_after_forward=True,
+        ignored_params={parameter for parameter in root.parameters() if parameter not in sharded_params}
+        | ignored_params,
+    )
+    if prefetch:
+        for module, following in zip(modules, modules[1:]):
+            module.set_modules_to_forward_prefetch([following])
+        if mesh.device_type == "cpu":
+            # gloo on CPU: a synchronous all-gather blocks the only thread, streams do nothing; an asynchronous one
+            # runs in gloo's threads while the module computes (waited for in the next module's pre-forward).
+            for module in modules:
+                set_async = getattr(module, "_set_unshard_async_op", None)  # FSDP2's, private in torch 2.13
+                if set_async is None:
+                    logger.warning("This torch cannot make FSDP2's unshard asynchronous: on CPU the prefetch will not "
+                                   "overlap the modules' compute.")
+                    break
+                set_async(True)
+    all_gather = None
+    if mesh.device_type == "cpu":
+        all_gather = PointToPointAllGather()
+        for module in modules:
+            module.set_custom_all_gather(all_gather)
+    return mesh, all_gather
+
+
 def apply_weight_sharding(
     transformer: nn.Module, config: WeightShardingConfig | None = None, groups: ParallelGroups | None = None
 ) -> WeightShardingRuntime:
@@ -319,9 +390,6 @@ def apply_weight_sharding(
     >>> apply_weight_sharding(transformer, WeightShardingConfig(), runtime.groups)  # each rank keeps 1/4 of the blocks
     ```
     """
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
-
     config = config if config is not None else WeightShardingConfig()
     if not isinstance(config, WeightShardingConfig):
         raise TypeError(f"`config` must be a WeightShardingConfig, got {type(config).__name__}.")
@@ -336,16 +404,19 @@ def apply_weight_sharding(
 
         runtime = get_sequence_parallel_runtime(transformer)
         groups = runtime.groups if runtime is not None else ParallelGroups.create(dist.get_world_size(), 1)
+    if config.group == "world" and groups.replica_size == 1 and dist.get_world_size() > 1:
+        raise ValueError(
+            f"WeightShardingConfig(group='world') with {groups.dp_degree} data-parallel replicas of one process each "
+            "shards nothing: 'world' shards over the ranks of one replica. Give each replica several processes "
+            "(ulysses_degree, ring_degree or cfg_degree above 1) or leave the weights unsharded."
+        )
     if config.group == "sp" and groups.sp_world_size == 1:
         raise ValueError(
             "WeightShardingConfig(group='sp') with one rank per SP group shards nothing. Use group='world' (without "
             "TeaCache under CFG parallel) or a sequence-parallel degree above 1."
         )
 
-    ranks, process_group = _shard_group(groups, config.group)
-    # The dimension name "fsdp" tells PEFT that a sharded linear still computes the whole projection: a LoRA added
-    # after sharding is then sized from the whole weight, not from this rank's shard as under tensor parallelism.
-    mesh = DeviceMesh.from_group(process_group, _mesh_device_type(), mesh_dim_names=("fsdp",))
+    ranks, process_group = shard_process_group(groups, config.group)
     # The TeaCache indicator reads block 0's `img_mod` outside the block's forward: keep it whole on every rank.
     indicator_params = set(blocks[0].img_mod.parameters()) if len(blocks) else set()
     block_params = {parameter for block in blocks for parameter in block.parameters()}
@@ -354,34 +425,9 @@ def apply_weight_sharding(
         for name, parameter in transformer.named_parameters()
         if parameter not in block_params or parameter in indicator_params
     ]
-    for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=True, ignored_params=indicator_params or None)
-    # The root owns no parameters: it marks the root of the forward, so the blocks (non-roots) reshard after use.
-    fully_shard(
-        transformer,
-        mesh=mesh,
-        reshard_after_forward=True,
-        ignored_params={parameter for parameter in transformer.parameters() if parameter not in block_params}
-        | indicator_params,
+    mesh, all_gather = fully_shard_modules(
+        transformer, list(blocks), process_group, prefetch=config.prefetch, ignored_params=indicator_params
     )
-    if config.prefetch:
-        for block, following in zip(blocks, blocks[1:]):
-            block.set_modules_to_forward_prefetch([following])
-        if mesh.device_type == "cpu":
-            # gloo on CPU: a synchronous all-gather blocks the only thread, streams do nothing; an asynchronous one
-            # runs in gloo's threads while the block computes (waited for in the next block's pre-forward).
-            for block in blocks:
-                set_async = getattr(block, "_set_unshard_async_op", None)  # FSDP2's, private in torch 2.13
-                if set_async is None:
-                    logger.warning("This torch cannot make FSDP2's unshard asynchronous: on CPU the prefetch will not "
-                                   "overlap the blocks' compute.")
-                    break
-                set_async(True)
-    all_gather = None
-    if mesh.device_type == "cpu":
-        all_gather = PointToPointAllGather()
-        for block in blocks:
-            block.set_custom_all_gather(all_gather)
 
     runtime = WeightShardingRuntime(
         config=config, groups=groups, ranks=ranks, mesh=mesh, replicated=replicated, all_gather=all_gather
@@ -433,6 +479,7 @@ __all__ = [
     "WeightShardingGuardHook",
     "WeightShardingRuntime",
     "apply_weight_sharding",
+    "fully_shard_modules",
     "get_weight_sharding",
     "parameter_bytes",
     "remove_weight_sharding",

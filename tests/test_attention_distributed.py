@@ -23,6 +23,7 @@ from diffusers_qwen_sp.distributed import (
     count_communication,
     init_distributed,
     sp_shard_bounds,
+    take_shard,
 )
 from diffusers_qwen_sp.distributed import DistributedProcessError, run_distributed
 
@@ -549,6 +550,12 @@ def test_parallel_groups_validation_and_shard_bounds(monkeypatch):
     assert sp_shard_bounds(5, 4, 3).valid_len == 0
     assert sp_shard_bounds(13, 2, 1) == (7, 14, 7, 14, 6, 13)
     assert sp_shard_bounds(1, 2, 1).is_sharded and not sp_shard_bounds(7, 1, 0).is_sharded
+    # A shard owns its storage: a contiguous narrow (batch 1) must not keep the whole sequence alive in a view.
+    whole = torch.arange(2 * 8 * 3, dtype=torch.float32).reshape(2, 8, 3)
+    for batch in (whole[:1], whole):
+        shard = take_shard(batch, 1, sp_shard_bounds(8, 2, 1))
+        assert torch.equal(shard, batch[:, 4:8]) and shard.is_contiguous()
+        assert shard.untyped_storage().data_ptr() != batch.untyped_storage().data_ptr()
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(RuntimeError, match="torchrun --nproc-per-node N"):

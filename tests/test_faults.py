@@ -106,6 +106,25 @@ def _mismatched_inputs(rank, world_size):
         kwargs["generator"] = torch.Generator().manual_seed(rank)
         image = pipe(**kwargs).images
     outcomes["matching_call"] = {"forwards_after": forwards[0], "image": image}
+    # The leader's text encoder fails (an out-of-memory, say) while rank 1, which holds none, waits for the
+    # embeddings: both raise at once, and the next call runs in step. Twice.
+    encoder = pipe.text_encoder
+    for attempt in range(2):
+        if rank == 0:
+            handle = encoder.register_forward_pre_hook(lambda *_: (_ for _ in ()).throw(MemoryError("encoder OOM")))
+        start = time.monotonic()
+        try:
+            pipe(**tiny_pipeline_call_kwargs("qwen_image"))
+            message = "no error"
+        except (MemoryError, RuntimeError) as error:
+            message = f"{type(error).__name__}: {error}"
+        seconds = time.monotonic() - start
+        if rank == 0:
+            handle.remove()
+        recovered = pipe(**tiny_pipeline_call_kwargs("qwen_image")).images
+        outcomes[f"leader_encoder_failure_{attempt}"] = {
+            "message": message, "seconds": seconds, "holds_encoder": encoder is not None, "recovered": recovered,
+        }
     # Subgroups (SP, Ulysses, Ring, CFG on bigger meshes) wait as long as the world, not gloo's default 30 minutes.
     from diffusers_qwen_sp.distributed import collective_timeout
     from diffusers_qwen_sp.distributed.groups import _new_group
@@ -135,6 +154,21 @@ def test_a_matching_call_after_mismatches_runs_in_step(mismatch_spawn):
         assert outcome["forwards_after"] == 4, outcome["forwards_after"]  # 2 steps x (cond, uncond)
     assert torch.isfinite(results[0]["image"]).all()
     assert torch.equal(results[0]["image"], results[1]["image"])  # rank 0's noise on both
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("attempt", [0, 1])
+def test_a_leader_encoder_failure_raises_on_every_rank_and_the_next_call_runs(mismatch_spawn, attempt):
+    leader, follower = mismatch_spawn[2].case(f"leader_encoder_failure_{attempt}")
+    assert leader["holds_encoder"] and not follower["holds_encoder"]  # the default placement: "one_rank"
+    assert leader["message"] == "MemoryError: encoder OOM", leader["message"]
+    assert follower["message"] == (
+        "RuntimeError: Rank 0, the replica's leader, failed to compute the prompt embeddings: MemoryError: encoder OOM"
+    ), follower["message"]
+    # the follower did not wait for the collective timeout (20 s) in a broadcast the leader never reached
+    assert follower["seconds"] < 10, follower["seconds"]
+    assert torch.equal(leader["recovered"], follower["recovered"])
 
 
 @pytest.mark.distributed
@@ -191,7 +225,7 @@ def test_describe_argument():
     import numpy as np
     from PIL import Image
 
-    from diffusers_qwen_sp.pipelines.base import describe_argument
+    from diffusers_qwen_sp.pipelines.call_arguments import describe_argument
 
     assert describe_argument([Image.new("RGB", (40, 64)), Image.new("RGBA", (8, 8))]) == [
         "RGB image of 40x64",

@@ -112,7 +112,10 @@ def _parity_case_counted(offload: str, order: str, mode: str, expected: torch.Te
         result["hooks_present"].append(_offload_hooks_present(pipe, offload))
         result["offload_hook_runs"].append(len(hook_runs))
     result["root_hooks"] = list(pipe.transformer._diffusers_hook.hooks)
+    result["text_encoder_dropped"] = pipe.text_encoder is None  # the default placement "one_rank" on rank 1
     pipe.disable_sequence_parallel()
+    if pipe.text_encoder is None:  # a rank that dropped its encoder gets one back to run alone (as the error says)
+        pipe.text_encoder = build_tiny_pipeline("qwen_image").text_encoder
     tokens_seen.clear()
     hook_runs.clear()
     result["diff_after_disable"] = (_images(pipe) - expected).abs().max().item()
@@ -125,7 +128,7 @@ def _parity_case_counted(offload: str, order: str, mode: str, expected: torch.Te
 def _mocked_cuda(current_device: int) -> contextlib.ExitStack:
     # Where diffusers would onload on CUDA, on a machine without one: accelerator detection and the current device.
     stack = contextlib.ExitStack()
-    for target in ("diffusers_qwen_sp.pipelines.base.get_device", "diffusers.pipelines.pipeline_utils.get_device"):
+    for target in ("diffusers_qwen_sp.pipelines.offload.get_device", "diffusers.pipelines.pipeline_utils.get_device"):
         stack.enter_context(mock.patch(target, return_value="cuda"))
     stack.enter_context(mock.patch("torch.cuda.current_device", return_value=current_device))
     return stack
@@ -148,7 +151,7 @@ def _device_case(case: str, rank: int) -> dict:
         "chosen_before": chosen_before,
         "offload_device": str(pipe._offload_device),
         "transformer_execution_device": str(pipe.transformer._hf_hook.execution_device),
-        "text_encoder_execution_device": str(pipe.text_encoder._hf_hook.execution_device),
+        "vae_execution_device": str(pipe.vae._hf_hook.execution_device),  # rank 1 holds no text encoder
         # accelerate's hook wraps the CFG-parallel hook: the forward it restores after each call is the registry's
         "accelerate_wraps_cfg_hook": list(pipe.transformer._diffusers_hook.hooks) == [CFG_PARALLEL_HOOK]
         and "create_new_forward" in getattr(getattr(pipe.transformer._old_forward, "func", None), "__qualname__", ""),
@@ -222,6 +225,8 @@ def test_offload_under_sp_matches_stock_single_process(spawned, world_size, case
         assert all(diff <= TOLERANCE for diff in result["diffs"]), f"rank {rank}: {result}"
         assert result["tokens_seen"] == [expected_tokens] * 2, f"rank {rank}: {result}"
         assert all(result["hooks_present"]), f"rank {rank}: offload hooks gone: {result}"
+        # the default text-encoder placement composes with offloading: only the leader keeps the encoder
+        assert result["text_encoder_dropped"] == (rank != 0), f"rank {rank}: {result}"
         # accelerate's hook is outermost: it runs on every transformer call, the skipped CFG branch's included
         transformer_calls = 2 * STEPS
         if offload == "model_cpu_offload":
@@ -249,7 +254,7 @@ def test_model_offload_onloads_to_this_ranks_gpu(spawned, world_size, case):
         # diffusers' default would be cuda:0 on every rank
         assert result["offload_device"] == f"cuda:{rank}", f"rank {rank}: {result}"
         assert result["transformer_execution_device"] == f"cuda:{rank}", f"rank {rank}: {result}"
-        assert result["text_encoder_execution_device"] == f"cuda:{rank}", f"rank {rank}: {result}"
+        assert result["vae_execution_device"] == f"cuda:{rank}", f"rank {rank}: {result}"
         assert result["accelerate_wraps_cfg_hook"], f"rank {rank}: {result}"
 
 
@@ -268,12 +273,14 @@ def test_unsupported_offloading_is_refused(spawned, world_size, case):
 
 @pytest.mark.distributed
 def test_group_offload_onto_another_ranks_gpu_is_refused(spawned):
+    # Right for rank 0 (it computes on cuda:0), wrong for rank 1: both raise rank 1's error, so that rank 0 never
+    # goes on alone into a collective that rank 1 does not join.
     messages = spawned[2].case("group_offload_onto_gpu_0")
-    assert messages[0] is None, messages  # rank 0 computes on cuda:0: right for it
+    assert messages[0] == messages[1], messages
     assert "Group offloading of `transformer` onloads to cuda:0" in messages[1], messages
-    assert "computes on cuda:1" in messages[1] and "onload_device=torch.device('cuda')" in messages[1], messages
+    assert "rank 1 computes on cuda:1" in messages[1] and "onload_device=torch.device('cuda')" in messages[1], messages
     left_enabled = spawned[2].case("group_offload_onto_gpu_0_sp_left_enabled")
-    assert left_enabled == [True, False], left_enabled  # the refusing rank rolled SP back
+    assert left_enabled == [False, False], left_enabled  # both rolled SP back
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -480,3 +480,142 @@ def test_converting_a_stock_transformer_with_hooks_is_refused():
         QwenImageSPTransformer2DModel.from_transformer(stock)
     stock.disable_cache()
     assert isinstance(QwenImageSPTransformer2DModel.from_transformer(stock), QwenImageSPTransformer2DModel)
+
+
+# ------------------------------------------------------------------------------ data-parallel replicas (dp x cfg x ...)
+
+# (dp, cfg, ring, ulysses) at world 4 -> per rank: the global ranks of each group, worked out by hand from
+# rank = dp_idx * (cfg*ring*ulysses) + cfg_idx * (ring*ulysses) + ring_idx * ulysses + ulysses_idx.
+DP_LAYOUTS = {
+    # no replicas: the layout of the cfg x ring x ulysses mesh, unchanged (the replica is the world)
+    (1, 1, 2, 2): [dict(replica=[0, 1, 2, 3], sp=[0, 1, 2, 3], ulysses=[0, 1], ring=[0, 2], cfg=[0]),
+                   dict(replica=[0, 1, 2, 3], sp=[0, 1, 2, 3], ulysses=[0, 1], ring=[1, 3], cfg=[1]),
+                   dict(replica=[0, 1, 2, 3], sp=[0, 1, 2, 3], ulysses=[2, 3], ring=[0, 2], cfg=[2]),
+                   dict(replica=[0, 1, 2, 3], sp=[0, 1, 2, 3], ulysses=[2, 3], ring=[1, 3], cfg=[3])],
+    (1, 2, 1, 2): [dict(replica=[0, 1, 2, 3], sp=[0, 1], ulysses=[0, 1], ring=[0], cfg=[0, 2]),
+                   dict(replica=[0, 1, 2, 3], sp=[0, 1], ulysses=[0, 1], ring=[1], cfg=[1, 3]),
+                   dict(replica=[0, 1, 2, 3], sp=[2, 3], ulysses=[2, 3], ring=[2], cfg=[0, 2]),
+                   dict(replica=[0, 1, 2, 3], sp=[2, 3], ulysses=[2, 3], ring=[3], cfg=[1, 3])],
+    # two replicas (0, 1) and (2, 3): every group stays inside one
+    (2, 1, 1, 2): [dict(replica=[0, 1], sp=[0, 1], ulysses=[0, 1], ring=[0], cfg=[0]),
+                   dict(replica=[0, 1], sp=[0, 1], ulysses=[0, 1], ring=[1], cfg=[1]),
+                   dict(replica=[2, 3], sp=[2, 3], ulysses=[2, 3], ring=[2], cfg=[2]),
+                   dict(replica=[2, 3], sp=[2, 3], ulysses=[2, 3], ring=[3], cfg=[3])],
+    (2, 1, 2, 1): [dict(replica=[0, 1], sp=[0, 1], ulysses=[0], ring=[0, 1], cfg=[0]),
+                   dict(replica=[0, 1], sp=[0, 1], ulysses=[1], ring=[0, 1], cfg=[1]),
+                   dict(replica=[2, 3], sp=[2, 3], ulysses=[2], ring=[2, 3], cfg=[2]),
+                   dict(replica=[2, 3], sp=[2, 3], ulysses=[3], ring=[2, 3], cfg=[3])],
+    (2, 2, 1, 1): [dict(replica=[0, 1], sp=[0], ulysses=[0], ring=[0], cfg=[0, 1]),
+                   dict(replica=[0, 1], sp=[1], ulysses=[1], ring=[1], cfg=[0, 1]),
+                   dict(replica=[2, 3], sp=[2], ulysses=[2], ring=[2], cfg=[2, 3]),
+                   dict(replica=[2, 3], sp=[3], ulysses=[3], ring=[3], cfg=[2, 3])],
+    # four replicas of one process: no group at all
+    (4, 1, 1, 1): [dict(replica=[r], sp=[r], ulysses=[r], ring=[r], cfg=[r]) for r in range(4)],
+}
+# Pipelines per replica: (dp, cfg, ring, ulysses, shard_weights). Each replica draws its own prompt and seed.
+DP_PIPELINE_MODES = [(2, 1, 1, 2, False), (2, 2, 1, 1, False), (4, 1, 1, 1, False), (2, 1, 1, 2, True)]
+DP_PROMPTS = ("a red cat", "two small blue squares on a big yellow field at noon", "a dog", "green grass")
+
+
+def _dp_layout_id(dp, cfg, ring, ulysses):
+    return f"layout-dp{dp}cfg{cfg}r{ring}u{ulysses}"
+
+
+def _dp_pipeline_id(dp, cfg, ring, ulysses, shard):
+    return f"pipeline-dp{dp}cfg{cfg}r{ring}u{ulysses}" + ("-sharded" if shard else "")
+
+
+def _group_ranks(group, own):
+    """The global ranks of a group as torch.distributed knows them (`[own]` for `None`, a group of one)."""
+    import torch.distributed as dist
+
+    return [own] if group is None else dist.get_process_group_ranks(group)
+
+
+def _check_replicas(rank, world_size):
+    """Case id -> this rank's layout (group ranks, stored and actual) or pipeline diffs against one process."""
+    import torch.distributed as dist
+
+    from diffusers_qwen_sp.distributed import ParallelGroups
+
+    results = {}
+    for mesh in DP_LAYOUTS:
+        dp, cfg, ring, ulysses = mesh
+        groups = ParallelGroups.create(ulysses, ring, cfg, dp_degree=dp)
+        total = torch.tensor([rank])
+        if groups.replica_group is not None:
+            dist.all_reduce(total, group=groups.replica_group)  # (1,) -> sum of the replica's ranks
+        results[_dp_layout_id(*mesh)] = {
+            "stored": dict(replica=groups.replica_ranks, sp=groups.sp_ranks, ulysses=groups.ulysses_ranks,
+                           ring=groups.ring_ranks, cfg=groups.cfg_ranks),
+            "actual": {name: _group_ranks(getattr(groups, f"{name}_group"), rank)
+                       for name in ("replica", "sp", "ulysses", "ring", "cfg")},
+            "replica_is_world": groups.replica_group is dist.group.WORLD,
+            "dp_rank": groups.dp_rank, "replica_rank": groups.replica_rank, "replica_size": groups.replica_size,
+            "replica_sum": total.item(),
+        }
+    with torch.no_grad():
+        stock = build_tiny_pipeline("qwen_image")
+        references = {prompt: _as_tensor(stock(**tiny_pipeline_call_kwargs("qwen_image", prompt=prompt)).images)
+                      for prompt in DP_PROMPTS}
+        for dp, cfg, ring, ulysses, shard in DP_PIPELINE_MODES:
+            pipe = build_tiny_pipeline("qwen_image", pipeline_cls=sp_pipeline_class("qwen_image"))
+            pipe.enable_sequence_parallel(dp_degree=dp, cfg_degree=cfg, ring_degree=ring, ulysses_degree=ulysses,
+                                          shard_weights=shard)
+            groups = get_sequence_parallel_runtime(pipe.transformer).groups
+            prompt = DP_PROMPTS[groups.dp_rank]  # replicas run different requests at the same time
+            result = results[_dp_pipeline_id(dp, cfg, ring, ulysses, shard)] = {"diffs": []}
+            for repeat in range(2):
+                kwargs = tiny_pipeline_call_kwargs("qwen_image", prompt=prompt)
+                if groups.replica_rank:  # a follower's noise is replaced by its leader's
+                    kwargs["generator"] = torch.Generator().manual_seed(1000 + rank)
+                result["diffs"].append((_as_tensor(pipe(**kwargs).images) - references[prompt]).abs().max().item())
+            if shard:
+                from diffusers_qwen_sp.weight_sharding import get_weight_sharding
+
+                result["shard_ranks"] = get_weight_sharding(pipe.transformer).ranks
+                result["replica_ranks"] = groups.replica_ranks
+    # Sharding a one-process replica shards nothing: refused on every rank alike.
+    pipe = build_tiny_pipeline("qwen_image", pipeline_cls=sp_pipeline_class("qwen_image"))
+    try:
+        pipe.enable_sequence_parallel(dp_degree=4, shard_weights=True)
+        results["shard-one-process-replicas"] = "no error was raised"
+    except ValueError as error:
+        results["shard-one-process-replicas"] = str(error)
+    return results
+
+
+dp_spawn = spawn_fixture(_check_replicas, Spawn(4, timeout=300))
+DP_CASES = {4: [*map(_dp_layout_id, *zip(*DP_LAYOUTS)), *(_dp_pipeline_id(*mode) for mode in DP_PIPELINE_MODES),
+                "shard-one-process-replicas"]}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(350)
+@pytest.mark.parametrize("world_size, case", world_cases(DP_CASES))
+def test_replicas_have_their_own_groups_and_run_their_own_requests(dp_spawn, world_size, case):
+    per_rank = dp_spawn[world_size].case(case)
+    if case.startswith("layout-"):
+        dp, cfg, ring, ulysses = next(mesh for mesh in DP_LAYOUTS if _dp_layout_id(*mesh) == case)
+        for rank, (result, expected) in enumerate(zip(per_rank, DP_LAYOUTS[dp, cfg, ring, ulysses])):
+            assert result["stored"] == expected, f"rank {rank}: {result['stored']}"
+            assert result["actual"] == expected, f"rank {rank}: the process groups hold {result['actual']}"
+            assert result["replica_is_world"] == (dp == 1), f"rank {rank}"  # dp 1: as before, the world
+            assert result["dp_rank"] == rank // (4 // dp) and result["replica_rank"] == rank % (4 // dp)
+            assert result["replica_size"] == 4 // dp
+            assert result["replica_sum"] == sum(expected["replica"]), f"rank {rank}: {result['replica_sum']}"
+    elif case == "shard-one-process-replicas":
+        for message in per_rank:
+            assert "shards nothing: 'world' shards over the ranks of one replica" in message, message
+    else:
+        for rank, result in enumerate(per_rank):
+            assert len(result["diffs"]) == 2 and max(result["diffs"]) <= TOLERANCE, f"rank {rank}: {result}"
+            if case.endswith("-sharded"):
+                assert result["shard_ranks"] == result["replica_ranks"], f"rank {rank}: {result}"
+
+
+def test_config_counts_replicas_in_the_world():
+    config = SequenceParallelConfig(ulysses_degree=2, dp_degree=3)
+    assert (config.replica_size, config.world_size) == (2, 6) and "dp_degree=3" in repr(config)
+    with pytest.raises(ValueError, match="dp_degree must be a positive integer, got 0"):
+        SequenceParallelConfig(dp_degree=0)

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -29,6 +28,8 @@ from PIL import Image
 
 from diffusers_qwen_sp.serve import APIError, RequestQueue, ServeConfig, Service, WorkItem, describe_served_model
 from diffusers_qwen_sp.serve.metrics import ServeMetrics
+
+from _serving import client, pixels, wait_for, wait_until_health_is_broken
 
 
 # The `serve` extra (fastapi, uvicorn, python-multipart) and the clients of the `test` extra.
@@ -49,12 +50,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 FAIL_MARKER = "<fail this batch>"
 
 
-def _pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")).astype(np.int16)
-
 
 def _client(url: str, key: str = KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+    return client(url, key)
 
 
 def _metric(url: str, name: str) -> float:
@@ -63,13 +61,6 @@ def _metric(url: str, name: str) -> float:
                 if line.startswith(f"diffusers_qwen_sp_{name} "))
     return float(line.split()[-1])
 
-
-def _wait_for(condition, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        time.sleep(0.02)
 
 
 class _InProcess:
@@ -80,7 +71,7 @@ class _InProcess:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
-        _wait_for(lambda: self.service.state.status != "loading" or self.error is not None, 30, "the service")
+        wait_for(lambda: self.service.state.status != "loading" or self.error is not None, 30, "the service")
         assert self.error is None, self.error
         self.url = self.service.url
 
@@ -130,8 +121,9 @@ def generated(tmp_path_factory):
 
 
 def test_config_validates_itself():
-    with pytest.raises(ValueError, match=r"--dp-degree 2: data-parallel replicas inside one service are not"):
-        ServeConfig(dp_degree=2)
+    with pytest.raises(ValueError, match=r"ServeConfig.dp_degree must be a positive integer, got 0"):
+        ServeConfig(dp_degree=0)
+    assert ServeConfig(dp_degree=2).dp_degree == 2  # replicas: tests/test_serve_replicas.py
     with pytest.raises(ValueError, match=r"port must be an integer in \[0, 65535\]"):
         ServeConfig(port=70000)
     assert ServeConfig(teacache=0.2).effective_max_batch_size == 1  # skips are decided over the whole batch
@@ -180,7 +172,7 @@ def test_generation_with_the_openai_client_equals_generate(scene_service, genera
         style="vivid", user="test", extra_body={"seed": 3},
     )
     assert len(result.data) == 1 and result.data[0].model_extra["seed"] == 3
-    assert np.array_equal(_pixels(result.data[0].b64_json), generated)
+    assert np.array_equal(pixels(result.data[0].b64_json), generated)
 
 
 @pytest.mark.timeout(60)
@@ -188,7 +180,7 @@ def test_n_images_get_consecutive_seeds_and_a_random_seed_is_reported(scene_serv
     client = _client(scene_service.url)
     result = client.images.generate(prompt=PROMPT, n=2, extra_body={"seed": 11, "num_inference_steps": 4})
     assert [item.model_extra["seed"] for item in result.data] == [11, 12]
-    first, second = (_pixels(item.b64_json) for item in result.data)
+    first, second = (pixels(item.b64_json) for item in result.data)
     assert first.shape == (64, 64, 3) and not np.array_equal(first, second)
     seed = client.images.generate(prompt=PROMPT, extra_body={"num_inference_steps": 2}).data[0].model_extra["seed"]
     assert isinstance(seed, int) and seed >= 0
@@ -221,7 +213,7 @@ def queued_scenario(scene_service, scene_served):
         assert entered.wait(30), "request A never reached the transformer"
         for name in "BCD":
             threads[name].start()
-        _wait_for(lambda: len(scene_service.service.queue) == 3, 30, "B, C and D to queue")
+        wait_for(lambda: len(scene_service.service.queue) == 3, 30, "B, C and D to queue")
         send_e = dict(bodies["B"], seed=7)
         full = httpx.post(f"{url}/v1/images/generations", json=send_e, headers={"Authorization": f"Bearer {KEY}"},
                           timeout=30)
@@ -268,8 +260,8 @@ def test_a_batch_equals_its_requests_run_one_by_one(queued_scenario):
     # Same noise per image (a generator per seed); only float rounding of the batched matmuls differs (~1e-6 in [0, 1]),
     # which moves a rare pixel by one level.
     for name in "BCD":
-        batched = _pixels(queued_scenario["responses"][name].json()["data"][0]["b64_json"])
-        alone = _pixels(queued_scenario["alone"][name].json()["data"][0]["b64_json"])
+        batched = pixels(queued_scenario["responses"][name].json()["data"][0]["b64_json"])
+        alone = pixels(queued_scenario["alone"][name].json()["data"][0]["b64_json"])
         diff = np.abs(batched - alone)
         assert diff.max() <= 2 and (diff > 0).mean() < 0.01, (name, diff.max(), (diff > 0).mean())
 
@@ -287,7 +279,7 @@ BAD_REQUESTS = {
     "steps_zero": ({"num_inference_steps": 0}, "num_inference_steps", "between 1 and 100"),
     "negative_seed": ({"seed": -1}, "seed", "between 0 and"),
     "cfg_scale_nan": ({"true_cfg_scale": "high"}, "true_cfg_scale", "a number"),
-    "lora_not_yet": ({"lora": "my-adapter"}, "lora", "not implemented yet"),
+    "lora_none_loaded": ({"lora": "my-adapter"}, "lora", "no adapter named 'my-adapter' is loaded; available: none"),
     "unknown_field": ({"negative_promt": "x"}, "negative_promt", "Unrecognized request argument"),
 }
 
@@ -366,14 +358,14 @@ def test_health_and_requests_get_503_while_the_model_loads(scene_served):
     thread = threading.Thread(target=service.run, daemon=True)
     thread.start()
     try:
-        _wait_for(lambda: service.url is not None, 30, "the server to listen")
+        wait_for(lambda: service.url is not None, 30, "the server to listen")
         health = httpx.get(f"{service.url}/health")
         assert health.status_code == 503 and health.json()["status"] == "loading"
         response = httpx.post(f"{service.url}/v1/images/generations", json={"prompt": PROMPT})
         assert response.status_code == 503 and "still loading" in response.json()["error"]["message"]
         assert response.headers["Retry-After"] == "5"
         loaded.set()
-        _wait_for(lambda: httpx.get(f"{service.url}/health").status_code == 200, 30, "ready")
+        wait_for(lambda: httpx.get(f"{service.url}/health").status_code == 200, 30, "ready")
     finally:
         loaded.set()
         service.request_stop()
@@ -421,7 +413,7 @@ def test_edits_on_an_edit_model_equal_the_pipeline_call():
             expected = pipe(image=Image.open(io.BytesIO(_png_bytes())).convert("RGB"), prompt="make it blue",
                             negative_prompt=" ", true_cfg_scale=4.0, num_inference_steps=2, height=64, width=64,
                             generator=torch.Generator().manual_seed(5)).images[0]
-        assert np.array_equal(_pixels(result.data[0].b64_json), np.asarray(expected).astype(np.int16))
+        assert np.array_equal(pixels(result.data[0].b64_json), np.asarray(expected).astype(np.int16))
         with pytest.raises(openai.BadRequestError, match="edits input images"):
             client.images.generate(prompt="a cat")
         with pytest.raises(openai.BadRequestError, match="not a readable image"):
@@ -448,7 +440,7 @@ class _Process:
         threading.Thread(target=lambda: self.lines.extend(self.popen.stdout), daemon=True).start()
 
     def url(self, within: float) -> str:
-        _wait_for(lambda: any("Ready:" in line for line in self.lines) or self.popen.poll() is not None, within,
+        wait_for(lambda: any("Ready:" in line for line in self.lines) or self.popen.poll() is not None, within,
                   "the server to be ready")
         assert self.popen.poll() is None, "".join(self.lines)
         line = next(line for line in self.lines if line.startswith("Listening on "))
@@ -482,9 +474,9 @@ def test_cli_serves_with_a_key_from_the_environment_counts_teacache_and_drains_o
         started = _metric(url, "queue_wait_seconds_count")
         thread = threading.Thread(target=long_request)
         thread.start()
-        _wait_for(lambda: _metric(url, "queue_wait_seconds_count") > started, 30, "the long request to start")
+        wait_for(lambda: _metric(url, "queue_wait_seconds_count") > started, 30, "the long request to start")
         process.popen.send_signal(signal.SIGTERM)
-        _wait_for(lambda: httpx.get(f"{url}/health").status_code == 503, 10, "health to turn 503")
+        wait_for(lambda: httpx.get(f"{url}/health").status_code == 503, 10, "health to turn 503")
         with pytest.raises(openai.APIStatusError) as info:
             client.images.generate(prompt=PROMPT)
         assert info.value.status_code == 503 and "shutting down" in info.value.body["message"]
@@ -556,10 +548,10 @@ class _World:
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
-        _wait_for(lambda: (folder / "url").exists() or not self.thread.is_alive(), 60, "rank 0 to listen")
+        wait_for(lambda: (folder / "url").exists() or not self.thread.is_alive(), 60, "rank 0 to listen")
         assert (folder / "url").exists(), (self.error, self.results)
         self.url = (folder / "url").read_text()
-        _wait_for(lambda: httpx.get(f"{self.url}/health").status_code == 200 or not self.thread.is_alive(), 60,
+        wait_for(lambda: httpx.get(f"{self.url}/health").status_code == 200 or not self.thread.is_alive(), 60,
                   "the world to load the model")
 
     def pid(self, rank: int) -> int:
@@ -583,9 +575,9 @@ def world(tmp_path_factory):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_world2_ulysses_service_answers_the_single_process_pixels(world, generated):
+def test_world2_ulysses_service_answers_the_single_processpixels(world, generated):
     result = _client(world.url).images.generate(prompt=PROMPT, size="64x64", extra_body={"seed": 3})
-    assert np.array_equal(_pixels(result.data[0].b64_json), generated)
+    assert np.array_equal(pixels(result.data[0].b64_json), generated)
 
 
 @pytest.mark.distributed
@@ -596,7 +588,7 @@ def test_world2_a_batch_failing_on_every_rank_gets_500_and_the_ranks_stay_in_ste
         client.images.generate(prompt=f"{PROMPT} {FAIL_MARKER}")
     assert "rank 0: RuntimeError: injected failure on rank 0" in info.value.body["message"], info.value.body
     result = client.images.generate(prompt=PROMPT, size="64x64", extra_body={"seed": 3})
-    assert np.array_equal(_pixels(result.data[0].b64_json), generated)
+    assert np.array_equal(pixels(result.data[0].b64_json), generated)
 
 
 @pytest.mark.distributed
@@ -608,7 +600,7 @@ def test_world2_a_batch_failing_on_one_rank_only_gets_500_and_the_ranks_stay_in_
         client.images.generate(prompt=PROMPT, extra_body={"num_inference_steps": 2})
     assert "rank 1: RuntimeError: injected failure on rank 1 only" in info.value.body["message"], info.value.body
     result = client.images.generate(prompt=PROMPT, size="64x64", extra_body={"seed": 3})
-    assert np.array_equal(_pixels(result.data[0].b64_json), generated)
+    assert np.array_equal(pixels(result.data[0].b64_json), generated)
 
 
 @pytest.mark.distributed
@@ -620,9 +612,9 @@ def test_world2_sigterm_on_rank_0_drains_the_group_and_every_rank_exits_cleanly(
     thread = threading.Thread(target=lambda: long_result.update(
         data=client.images.generate(prompt=PROMPT, extra_body={"num_inference_steps": 60})))
     thread.start()
-    _wait_for(lambda: _metric(world.url, "queue_wait_seconds_count") > started, 30, "the request to start")
+    wait_for(lambda: _metric(world.url, "queue_wait_seconds_count") > started, 30, "the request to start")
     os.kill(world.pid(0), signal.SIGTERM)
-    _wait_for(lambda: httpx.get(f"{world.url}/health").status_code == 503, 10, "health to turn 503")
+    wait_for(lambda: httpx.get(f"{world.url}/health").status_code == 503, 10, "health to turn 503")
     thread.join(60)
     assert len(long_result["data"].data) == 1  # the request in flight finished
     assert world.finish(within=30) == ["drained", "drained"]
@@ -655,20 +647,10 @@ def _kill_rank_1_while_a_request_runs(killed: _World) -> None:
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    _wait_for(lambda: _metric(killed.url, "queue_wait_seconds_count") >= 1, 30, "the request to start")
+    wait_for(lambda: _metric(killed.url, "queue_wait_seconds_count") >= 1, 30, "the request to start")
     start = time.monotonic()
     os.kill(killed.pid(1), signal.SIGKILL)
-    statuses = []
-
-    def health_broken() -> bool:
-        try:
-            response = httpx.get(f"{killed.url}/health", timeout=2)
-        except httpx.HTTPError:
-            return True  # already gone: the assertion below tells
-        statuses.append((response.status_code, response.json()["status"]))
-        return response.status_code == 503
-
-    _wait_for(health_broken, COLLECTIVE_TIMEOUT_S, "health to turn 503")
+    statuses = wait_until_health_is_broken(killed.url, COLLECTIVE_TIMEOUT_S)
     assert statuses[-1] == (503, "broken"), statuses
     thread.join(30)
     error = in_flight.get("error")

@@ -84,15 +84,21 @@ def write_plot(report: dict[str, Any], path: Path) -> str:
     return "matplotlib"
 
 
+def pil_fonts(sizes: tuple[int, ...] = (14, 12)) -> tuple[Any, ...]:
+    r"""Pillow's default font at each of `sizes` (one bitmap size for all before Pillow 10.1)."""
+    from PIL import ImageFont
+
+    try:
+        return tuple(ImageFont.load_default(size=size) for size in sizes)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return tuple(ImageFont.load_default() for _ in sizes)
+
+
 def _plot_with_pil(report: dict[str, Any], path: Path) -> None:
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     bars = _plot_bars(report)
-    try:
-        font = ImageFont.load_default(size=14)
-        small = ImageFont.load_default(size=12)
-    except TypeError:  # Pillow < 10.1: one bitmap size
-        font = small = ImageFont.load_default()
+    font, small = pil_fonts()
     label_width, bar_area, margin = 300, 560, 20
     row_height, top = 44, 64
     width = label_width + bar_area + 120

@@ -41,6 +41,23 @@ def psnr(value: torch.Tensor, reference: torch.Tensor, peak: float | None = None
     return 10 * math.log10(peak**2 / mse)
 
 
+def software_versions() -> dict[str, Any]:
+    r"""The CPU count and the versions of torch, diffusers, this package, Python and the platform: the part of a
+    report's `environment` every benchmark shares."""
+    import diffusers
+
+    from .. import __version__
+
+    return dict(
+        cpu_count=os.cpu_count(),
+        torch=torch.__version__,
+        diffusers=diffusers.__version__,
+        diffusers_qwen_sp=__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+    )
+
+
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -215,10 +232,6 @@ def build_report(
     scaling_rows_out.sort(key=lambda r: (r["processes"], r["mode"]))
 
     height, width = settings.grid
-    import diffusers
-
-    from .. import __version__
-
     return dict(
         schema=1,
         command="python -m diffusers_qwen_sp bench",
@@ -229,12 +242,7 @@ def build_report(
             processes=settings.world,
             backend="nccl" if settings.device == "cuda" else "gloo",
             threads_per_rank=settings.threads if settings.device == "cpu" else None,
-            cpu_count=os.cpu_count(),
-            torch=torch.__version__,
-            diffusers=diffusers.__version__,
-            diffusers_qwen_sp=__version__,
-            python=platform.python_version(),
-            platform=platform.platform(),
+            **software_versions(),
         ),
         settings=_settings_dict(settings),
         model=dict(

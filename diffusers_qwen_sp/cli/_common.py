@@ -66,36 +66,64 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep only a shard of each transformer block per process (FSDP2), all-gathered block by "
                        "block: over every process (default) or over each SP group ('sp': for TeaCache with "
                        "--cfg-parallel)")
+    group.add_argument("--text-encoder", default="one-rank", choices=("one-rank", "replicated", "sharded"),
+                       help="where the text encoder lives: on the first process of the group only, which encodes "
+                       "and broadcasts the prompt embeddings (default; the others never load it), on every process, "
+                       "or with its decoder layers sharded over the processes (FSDP2)")
+    group.add_argument("--parallel-vae", action=argparse.BooleanOptionalAction, default=True,
+                       help="decode (and encode reference images) in slabs over the processes, exact to fp32 "
+                       "rounding (default); --no-parallel-vae decodes the whole image on every process")
 
 
 def sequence_parallel_config(args: argparse.Namespace) -> Any:
     r"""The parallel config the flags ask for, or `None` for a single process. Under a launcher the SP degrees default
-    to Ulysses over all processes (over half of them with --cfg-parallel)."""
+    to Ulysses over all processes of a replica (over half of them with --cfg-parallel); the world must equal
+    `dp x cfg x ring x ulysses` (`dp`: `args.dp_degree`, the data-parallel replicas of `serve`, default 1)."""
     from ..hooks import SequenceParallelConfig
+    from ..text_encoder_placement import DEFAULT_TEXT_ENCODER_PLACEMENT
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dp = getattr(args, "dp_degree", None) or 1
     cfg = 2 if args.cfg_parallel else 1
     ulysses, ring = args.ulysses_degree, args.ring_degree
     shard_weights = getattr(args, "shard_weights", None) or False
-    if world_size == 1 and cfg * (ulysses or 1) * (ring or 1) == 1:
+    if world_size == 1 and dp * cfg * (ulysses or 1) * (ring or 1) == 1:
         if shard_weights:
             raise ValueError(
                 "--shard-weights shards the transformer over several processes; this is one. Launch with "
                 "`torchrun --nproc-per-node N -m diffusers_qwen_sp ...` or leave --shard-weights out."
             )
         return None
-    if ulysses is None or ring is None:  # the degree not given takes the processes left
+    if world_size % dp:
+        raise ValueError(
+            f"--dp-degree {dp} does not divide the {world_size} processes: the world must equal dp x cfg x ring x "
+            f"ulysses. Launch `torchrun --nproc-per-node {dp * cfg * (ulysses or 1) * (ring or 1)} ...` or choose "
+            "another --dp-degree."
+        )
+    replica_size = world_size // dp
+    if ulysses is None or ring is None:  # the degree not given takes the processes left in each replica
         given = cfg * (ulysses or ring or 1)
-        if world_size % given:
+        if replica_size % given:
+            replicas = f" in each of the {dp} replicas" if dp > 1 else ""
             raise ValueError(
-                f"{world_size} processes do not split into cfg {cfg} x the given degree {ulysses or ring or 1}; "
-                "pass --ulysses-degree and --ring-degree whose product times the CFG degree is the process count."
+                f"{replica_size} processes{replicas} do not split into cfg {cfg} x the given degree "
+                f"{ulysses or ring or 1}; pass --ulysses-degree and --ring-degree whose product times the CFG degree "
+                "is the process count" + (" divided by --dp-degree." if dp > 1 else ".")
             )
         if ulysses is None:
-            ulysses = world_size // given
+            ulysses = replica_size // given
         else:
-            ring = world_size // given
+            ring = replica_size // given
+    ulysses, ring = ulysses or 1, ring or 1
+    if dp > 1 and dp * cfg * ulysses * ring != world_size:  # dp 1: ParallelGroups names the mismatch
+        raise ValueError(
+            f"dp {dp} x cfg {cfg} x ring {ring} x ulysses {ulysses} = {dp * cfg * ring * ulysses} processes, but "
+            f"{world_size} were launched: the world must equal dp x cfg x ring x ulysses. Launch with "
+            f"`torchrun --nproc-per-node {dp * cfg * ring * ulysses} ...` or change the degrees."
+        )
     return SequenceParallelConfig(
-        ulysses_degree=ulysses or 1, ring_degree=ring or 1, cfg_degree=cfg,
+        ulysses_degree=ulysses, ring_degree=ring, cfg_degree=cfg, dp_degree=dp,
         attention_backend=args.attention_backend, timeout=args.timeout, shard_weights=shard_weights,
+        text_encoder=(getattr(args, "text_encoder", None) or DEFAULT_TEXT_ENCODER_PLACEMENT).replace("-", "_"),
+        parallel_vae=getattr(args, "parallel_vae", True),
     )

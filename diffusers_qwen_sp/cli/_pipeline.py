@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..scenes.model import SCENE_DEFAULT_STEPS, SCENE_IMAGE_SIZE
+from ..text_encoder_placement import loads_text_encoder
 from ..threads import ThreadChoice, apply_cpu_threads, choose_cpu_threads
 
 
@@ -42,19 +43,21 @@ def device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtyp
     return device, dtype
 
 
-def load_pipeline(model: str | None, dtype: torch.dtype) -> tuple[Any, bool]:
+def load_pipeline(model: str | None, dtype: torch.dtype, text_encoder: bool = True) -> tuple[Any, bool]:
     r"""Load `model` into our pipeline class for its kind; `None` loads the shipped scene model. Returns
     `(pipe, scene)`, `scene` telling whether it is a scene model (the shipped one or one `train-scenes` wrote), which
-    gets the scene model's sizes, steps and TeaCache coefficients."""
+    gets the scene model's sizes, steps and TeaCache coefficients. `text_encoder=False` never loads the text encoder
+    (a rank that receives its prompt embeddings)."""
     from diffusers import DiffusionPipeline
 
     from ..pipelines import PIPELINES_BY_NAME, PIPELINES_BY_STOCK_NAME
     from ..scenes import is_scene_model
 
+    without = {} if text_encoder else {"text_encoder": None}
     if model is None:
         from ..scenes import load_scene_pipeline
 
-        return load_scene_pipeline(pipeline_cls=PIPELINES_BY_NAME["qwen_image"], dtype=dtype), True
+        return load_scene_pipeline(pipeline_cls=PIPELINES_BY_NAME["qwen_image"], dtype=dtype, **without), True
     config = DiffusionPipeline.load_config(model)
     stock_class = config.get("_class_name")
     pipeline_cls = PIPELINES_BY_STOCK_NAME.get(stock_class)
@@ -63,7 +66,7 @@ def load_pipeline(model: str | None, dtype: torch.dtype) -> tuple[Any, bool]:
             f"{model} holds a {stock_class} pipeline; diffusers_qwen_sp runs {sorted(PIPELINES_BY_STOCK_NAME)}. "
             "Pass a Qwen-Image, Qwen-Image-Edit(-Plus) or Qwen-Image-Layered checkpoint."
         )
-    return pipeline_cls.from_pretrained(model, dtype=dtype), is_scene_model(model)
+    return pipeline_cls.from_pretrained(model, dtype=dtype, **without), is_scene_model(model)
 
 
 def check_image_size(height: int, width: int, multiple: int) -> None:
@@ -89,7 +92,11 @@ def prepare(args: argparse.Namespace, sp_config: Any = None) -> Prepared:
     from PIL import Image
 
     device, dtype = device_and_dtype(args)
-    pipe, scene = load_pipeline(args.model, dtype)
+    # Under a launcher a rank that will only receive the prompt embeddings never reads the text encoder's weights.
+    loads_encoder = sp_config is None or loads_text_encoder(
+        sp_config.text_encoder, int(os.environ.get("RANK", "0")), sp_config.replica_size
+    )
+    pipe, scene = load_pipeline(args.model, dtype, text_encoder=loads_encoder)
     if sp_config is not None:
         from ..distributed import init_distributed
 

@@ -32,8 +32,9 @@ def register(subparsers: Any) -> None:
         help="serve a model over HTTP with an OpenAI-compatible Images API",
         description="Serve a Qwen-Image pipeline over HTTP (POST /v1/images/generations, /v1/images/edits; GET "
         "/v1/models, /health, /metrics), compatible with OpenAI clients. Under torchrun every process joins: rank 0 "
-        "listens, all ranks run each batch with sequence parallelism. SIGTERM drains (finishes accepted requests, "
-        "refuses new ones with 503) and exits 0.",
+        "listens, and the world (dp x cfg x ring x ulysses processes) forms --dp-degree replicas, each running a batch "
+        "at a time with sequence parallelism over its own ranks; each batch goes to a free replica. SIGTERM drains "
+        "(every replica finishes its batch, new requests get 503) and exits 0.",
     )
     parser.add_argument("--model", default=None, help="Hub id or local folder of a Qwen-Image or Qwen-Image-Edit "
                         "pipeline; default: the scene model shipped with the package")
@@ -49,6 +50,9 @@ def register(subparsers: Any) -> None:
                         help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--device", default=None, help="default: this rank's GPU when CUDA is available, else cpu")
     parser.add_argument("--threads", type=positive_int, default=None, help="CPU intra-op threads per process")
+    parser.add_argument("--lora", action="append", type=lora_argument, default=None, dest="loras",
+                        metavar="NAME=SOURCE", help="load a LoRA adapter that requests pick by name in `lora` (repeat "
+                        "for several); SOURCE: a local file or folder, or a Hub repo id (REPO_ID::WEIGHT_NAME)")
     parser.add_argument("--teacache", type=threshold, default=None, metavar="THRESHOLD",
                         help="enable TeaCache with this threshold (0.2 is a good start)")
     limits = parser.add_argument_group("batching and limits")
@@ -68,8 +72,18 @@ def register(subparsers: Any) -> None:
     limits.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body in MiB (default: 32)")
     add_parallel_arguments(parser)
     parser.add_argument("--dp-degree", type=positive_int, default=1,
-                        help="data-parallel replicas (world = dp x cfg x ring x ulysses); only 1 is implemented yet")
+                        help="data-parallel replicas: the world must equal dp x cfg x ring x ulysses (default: 1; "
+                        "with only --dp-degree given, each replica runs Ulysses over its world/dp processes, e.g. "
+                        "`torchrun --nproc-per-node 2 ... serve --dp-degree 2`: two single-process replicas)")
     parser.set_defaults(func=run)
+
+
+def lora_argument(value: str) -> tuple[str, str]:
+    """`--lora NAME=SOURCE` -> `(name, source)`; argparse reports a malformed value with the expected form."""
+    name, separator, source = value.partition("=")
+    if not separator or not name.strip() or not source.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=SOURCE (e.g. ghibli=./ghibli_lora.safetensors), got {value!r}")
+    return name.strip(), source.strip()
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -90,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         dp_degree=args.dp_degree,
         attention_backend=args.attention_backend,
         shard_weights=args.shard_weights or False,
+        text_encoder=args.text_encoder.replace("-", "_"),
+        parallel_vae=args.parallel_vae,
         timeout=args.timeout,
         teacache=args.teacache,
         max_batch_size=args.max_batch_size,
@@ -102,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         dtype=args.dtype,
         device=args.device,
         threads=args.threads,
+        loras=tuple(args.loras or ()),
     )
 
 
@@ -111,14 +128,18 @@ def load_for_serving(config: Any) -> Any:
     threads) and describe it as a [`~diffusers_qwen_sp.serve.ServedModel`].
     """
     from ..serve import describe_served_model
+    from ..serve.model import load_adapters
+    from ..text_encoder_placement import loads_text_encoder
     from ..threads import apply_cpu_threads, choose_cpu_threads
 
     device, dtype = device_and_dtype(SimpleNamespace(device=config.device, dtype=config.dtype))
-    sp_config = sequence_parallel_config(SimpleNamespace(
-        ulysses_degree=config.ulysses_degree, ring_degree=config.ring_degree, cfg_parallel=config.cfg_parallel,
-        attention_backend=config.attention_backend, timeout=config.timeout, shard_weights=config.shard_weights,
-    ))
-    pipe, scene = load_pipeline(config.model, dtype)
+    sp_config = _parallel_config(config)
+    # A rank that only receives the prompt embeddings never reads the text encoder's weights.
+    loads_encoder = sp_config is None or loads_text_encoder(
+        sp_config.text_encoder, int(os.environ.get("RANK", "0")), sp_config.replica_size
+    )
+    pipe, scene = load_pipeline(config.model, dtype, text_encoder=loads_encoder)
+    load_adapters(pipe, config.loras)  # before sequence parallelism: sharded weights need the LoRA layers in place
     if sp_config is not None:
         from ..distributed import init_distributed
 
@@ -141,6 +162,15 @@ def load_for_serving(config: Any) -> Any:
     return describe_served_model(pipe, config, default_size, steps, scene=scene)
 
 
+def _parallel_config(config: Any) -> Any:
+    """The SequenceParallelConfig of `config` on this launch, or `None` (`ValueError` when the world does not fit)."""
+    return sequence_parallel_config(SimpleNamespace(
+        ulysses_degree=config.ulysses_degree, ring_degree=config.ring_degree, cfg_parallel=config.cfg_parallel,
+        dp_degree=config.dp_degree, attention_backend=config.attention_backend, timeout=config.timeout,
+        shard_weights=config.shard_weights, text_encoder=config.text_encoder, parallel_vae=config.parallel_vae,
+    ))
+
+
 def run(args: argparse.Namespace) -> None:
     r"""Run the `serve` command until SIGTERM / SIGINT drained it; exit 1 when a rank failed."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
@@ -149,6 +179,7 @@ def run(args: argparse.Namespace) -> None:
     from ..serve import FatalServeError, run_service
 
     config = config_from_args(args)
+    _parallel_config(config)  # a world that does not fit the degrees fails here, on every rank, before listening
     rank = int(os.environ.get("RANK", "0"))
 
     def listening(url: str) -> None:

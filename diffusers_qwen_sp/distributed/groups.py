@@ -1,4 +1,4 @@
-"""Process groups for sequence parallelism (Ulysses x Ring) and CFG parallelism.
+"""Process groups for sequence parallelism (Ulysses x Ring), CFG parallelism and data-parallel replicas.
 
 All process-group state lives in one small object, [`ParallelGroups`], built once after `torch.distributed` is
 initialised and passed to whoever needs it (attention, split/gather hooks, caches). Nothing here is a module-level
@@ -6,11 +6,14 @@ global.
 
 Rank layout (Ulysses ranks contiguous, so that the bandwidth-hungry all-to-all stays inside a node):
 
-    rank = cfg_idx * (ring_degree * ulysses_degree) + ring_idx * ulysses_degree + ulysses_idx
+    rank = dp_idx * (cfg_degree * ring_degree * ulysses_degree)
+           + cfg_idx * (ring_degree * ulysses_degree) + ring_idx * ulysses_degree + ulysses_idx
 
-The sequence-parallel (SP) group of a rank is the `ring_degree * ulysses_degree` ranks sharing its `cfg_idx`; inside
-it the rank's index is `sp_rank = ring_idx * ulysses_degree + ulysses_idx`, which is also the index of the image
-chunk the rank holds.
+A *replica* is the `cfg_degree * ring_degree * ulysses_degree` contiguous ranks sharing a `dp_idx`: an independent
+copy of the model that serves its own requests (`dp_degree` replicas in all; `dp_degree=1` is the whole world). The
+sequence-parallel (SP) group of a rank is the `ring_degree * ulysses_degree` ranks sharing its `dp_idx` and `cfg_idx`;
+inside it the rank's index is `sp_rank = ring_idx * ulysses_degree + ulysses_idx`, which is also the index of the
+image chunk the rank holds. Every SP, Ulysses, Ring and CFG group lies inside one replica.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ def collective_timeout(group: dist.ProcessGroup | None = None) -> float | None:
 @dataclass(repr=False)
 class ParallelGroups:
     r"""
-    The process groups of a `cfg x ring x ulysses` device mesh, seen from the current rank.
+    The process groups of a `dp x cfg x ring x ulysses` device mesh, seen from the current rank.
 
     Build it with [`ParallelGroups.create`]. A group of size 1 is `None` and the code using it must not issue
     collectives on it (its rank is 0 and its size 1).
@@ -124,6 +127,11 @@ class ParallelGroups:
         ring_ranks (`list[int]`): the global ranks of the ring, in ring order (for point-to-point sends).
         cfg_group, cfg_rank: the group across CFG branches and the rank inside it (the branch index).
         sp_ranks, ulysses_ranks, cfg_ranks (`list[int]`): the global ranks of each group.
+        dp_degree, dp_rank (`int`): the number of data-parallel replicas and the index of this rank's replica.
+        replica_group (`ProcessGroup` or `None`): the `cfg x ring x ulysses` ranks of this rank's replica (the world
+            when `dp_degree == 1`; `None` when the replica is one process).
+        replica_rank, replica_size (`int`): the rank inside the replica group and its size.
+        replica_ranks (`list[int]`): the global ranks of the replica, in order; `replica_ranks[0]` is its leader.
     """
 
     ulysses_degree: int = 1
@@ -143,16 +151,27 @@ class ParallelGroups:
     cfg_group: dist.ProcessGroup | None = None
     cfg_rank: int = 0
     cfg_ranks: list[int] = field(default_factory=lambda: [0])
+    dp_degree: int = 1
+    dp_rank: int = 0
+    replica_group: dist.ProcessGroup | None = None
+    replica_rank: int = 0
+    replica_ranks: list[int] = field(default_factory=lambda: [0])
 
     @property
     def sp_world_size(self) -> int:
         """Size of the sequence-parallel group: `ring_degree * ulysses_degree`."""
         return self.ring_degree * self.ulysses_degree
 
+    @property
+    def replica_size(self) -> int:
+        """Processes in one replica: `cfg_degree * ring_degree * ulysses_degree`."""
+        return self.cfg_degree * self.ring_degree * self.ulysses_degree
+
     @classmethod
-    def create(cls, ulysses_degree: int, ring_degree: int, cfg_degree: int = 1) -> "ParallelGroups":
+    def create(cls, ulysses_degree: int, ring_degree: int, cfg_degree: int = 1, dp_degree: int = 1) -> "ParallelGroups":
         r"""
-        Build the groups of a `cfg_degree x ring_degree x ulysses_degree` mesh over the default process group.
+        Build the groups of a `dp_degree x cfg_degree x ring_degree x ulysses_degree` mesh over the default process
+        group.
 
         Every rank must call this with the same degrees, at the same point of the program: each `new_group` is a
         collective over all ranks and the groups are created in the same order on every rank.
@@ -161,10 +180,12 @@ class ParallelGroups:
             ulysses_degree (`int`): all-to-all (head-sharding) degree; must divide the number of attention heads.
             ring_degree (`int`): ring-attention degree.
             cfg_degree (`int`, defaults to `1`): number of CFG branches run in parallel (1 or 2).
+            dp_degree (`int`, defaults to `1`): number of independent replicas (data parallel); the SP and CFG groups
+                are built inside each replica.
 
         Returns:
             [`ParallelGroups`] for the current rank. Without an initialised process group only the trivial mesh
-            `(1, 1, 1)` is accepted.
+            `(1, 1, 1, 1)` is accepted.
 
         Example:
 
@@ -175,19 +196,29 @@ class ParallelGroups:
         >>> groups = ParallelGroups.create(ulysses_degree=2, ring_degree=2)
         >>> groups.sp_world_size
         4
+        >>> # torchrun --nproc-per-node 4: two replicas of Ulysses 2, ranks (0, 1) and (2, 3)
+        >>> groups = ParallelGroups.create(ulysses_degree=2, ring_degree=1, dp_degree=2)
+        >>> groups.replica_ranks  # on rank 3
+        [2, 3]
         ```
         """
-        degrees = {"ulysses_degree": ulysses_degree, "ring_degree": ring_degree, "cfg_degree": cfg_degree}
+        degrees = {
+            "ulysses_degree": ulysses_degree,
+            "ring_degree": ring_degree,
+            "cfg_degree": cfg_degree,
+            "dp_degree": dp_degree,
+        }
         for name, value in degrees.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
         initialised = dist.is_available() and dist.is_initialized()
         world_size = dist.get_world_size() if initialised else 1
-        product = cfg_degree * ring_degree * ulysses_degree
+        product = dp_degree * cfg_degree * ring_degree * ulysses_degree
         if product != world_size:
+            dp = ("dp_degree * ", f"{dp_degree} * ") if dp_degree > 1 else ("", "")
             raise ValueError(
-                f"cfg_degree * ring_degree * ulysses_degree = {cfg_degree} * {ring_degree} * {ulysses_degree} = "
-                f"{product}, but the world size is {world_size}"
+                f"{dp[0]}cfg_degree * ring_degree * ulysses_degree = {dp[1]}{cfg_degree} * {ring_degree} * "
+                f"{ulysses_degree} = {product}, but the world size is {world_size}"
                 + ("" if initialised else " (torch.distributed is not initialised)")
                 + ". Choose degrees whose product equals the number of processes, e.g. "
                 f"ulysses_degree={world_size}, ring_degree=1, cfg_degree=1."
@@ -197,11 +228,13 @@ class ParallelGroups:
 
         rank = dist.get_rank()
         sp_size = ring_degree * ulysses_degree
-        cfg_idx, sp_rank = divmod(rank, sp_size)
+        replica_size = cfg_degree * sp_size
+        dp_idx, replica_rank = divmod(rank, replica_size)
+        cfg_idx, sp_rank = divmod(replica_rank, sp_size)
         ring_idx, ulysses_idx = divmod(sp_rank, ulysses_degree)
 
-        def global_rank(cfg: int, ring: int, ulysses: int) -> int:
-            return cfg * sp_size + ring * ulysses_degree + ulysses
+        def global_rank(cfg: int, ring: int, ulysses: int, dp: int = dp_idx) -> int:
+            return dp * replica_size + cfg * sp_size + ring * ulysses_degree + ulysses
 
         groups = cls(
             ulysses_degree=ulysses_degree,
@@ -217,12 +250,17 @@ class ParallelGroups:
             ulysses_ranks=[global_rank(cfg_idx, ring_idx, u) for u in range(ulysses_degree)],
             ring_ranks=[global_rank(cfg_idx, r, ulysses_idx) for r in range(ring_degree)],
             cfg_ranks=[global_rank(c, ring_idx, ulysses_idx) for c in range(cfg_degree)],
+            dp_degree=dp_degree,
+            dp_rank=dp_idx,
+            replica_rank=replica_rank,
+            replica_ranks=list(range(dp_idx * replica_size, (dp_idx + 1) * replica_size)),
         )
 
         # Every rank walks every group in the same order and keeps the one it belongs to; size-1 groups are skipped
-        # on all ranks alike (no collective ever runs on them).
-        degrees = {"cfg": cfg_degree, "ring": ring_degree, "ulysses": ulysses_degree}
-        mine = {"cfg": cfg_idx, "ring": ring_idx, "ulysses": ulysses_idx}
+        # on all ranks alike (no collective ever runs on them). With dp_degree == 1 the `dp` axis has one value, so
+        # the groups (and the order of the `new_group` calls) are those of the `cfg x ring x ulysses` mesh.
+        degrees = {"dp": dp_degree, "cfg": cfg_degree, "ring": ring_degree, "ulysses": ulysses_degree}
+        mine = {"dp": dp_idx, "cfg": cfg_idx, "ring": ring_idx, "ulysses": ulysses_idx}
 
         def group_along(*varying: str) -> dist.ProcessGroup | None:
             if math.prod(degrees[axis] for axis in varying) == 1:
@@ -244,12 +282,19 @@ class ParallelGroups:
         groups.ulysses_group = group_along("ulysses")
         groups.ring_group = group_along("ring")
         groups.cfg_group = group_along("cfg")
+        groups.replica_group = group_along("cfg", "ring", "ulysses")
         return groups
 
     def __repr__(self) -> str:
+        replica = (
+            f"dp={self.dp_degree}, dp_rank={self.dp_rank}, replica_ranks={self.replica_ranks}, "
+            if self.dp_degree > 1
+            else ""
+        )
         return (
-            f"{type(self).__name__}(rank={self.rank}/{self.world_size}, cfg={self.cfg_degree}, "
-            f"ring={self.ring_degree}, "
+            f"{type(self).__name__}(rank={self.rank}/{self.world_size}, "
+            + replica
+            + f"cfg={self.cfg_degree}, ring={self.ring_degree}, "
             f"ulysses={self.ulysses_degree}; sp_rank={self.sp_rank}, ring_rank={self.ring_rank}, "
             f"ulysses_rank={self.ulysses_rank}, cfg_rank={self.cfg_rank}; sp_ranks={self.sp_ranks}, "
             f"ring_ranks={self.ring_ranks}, ulysses_ranks={self.ulysses_ranks}, cfg_ranks={self.cfg_ranks})"

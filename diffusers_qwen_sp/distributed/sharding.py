@@ -86,8 +86,9 @@ def take_shard(tensor: torch.Tensor, dim: int, bounds: ShardBounds) -> torch.Ten
         pad_shape[dim] = padding
         # (.., S, ..) -> (.., P * ceil(S/P), ..): zero tokens at the end, never keys in attention, cut by the gather
         tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
-    # (.., P * L, ..) -> (.., L, ..): the chunk of this rank
-    return tensor.narrow(dim, bounds.start, bounds.local_len).contiguous()
+    # (.., P * L, ..) -> (.., L, ..): the chunk of this rank, in storage of its own (a contiguous narrow, e.g. of a
+    # batch of 1, would be a view that keeps the whole sequence alive through every block)
+    return tensor.narrow(dim, bounds.start, bounds.local_len).clone(memory_format=torch.contiguous_format)
 
 
 __all__ = ["ShardBounds", "sp_shard_bounds", "take_shard"]

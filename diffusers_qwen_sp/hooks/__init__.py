@@ -17,6 +17,13 @@ from .teacache import (
     remove_teacache,
     teacache_stats,
 )
+from .vae_patch_parallel import (
+    PATCH_PARALLEL_VAE_HOOK,
+    PatchParallelVAEConfig,
+    apply_patch_parallel_vae,
+    get_patch_parallel_vae,
+    remove_patch_parallel_vae,
+)
 
 __all__ = [
     "CFG_PARALLEL_HOOK",
@@ -35,4 +42,9 @@ __all__ = [
     "remove_sequence_parallel",
     "remove_teacache",
     "teacache_stats",
+    "PATCH_PARALLEL_VAE_HOOK",
+    "PatchParallelVAEConfig",
+    "apply_patch_parallel_vae",
+    "get_patch_parallel_vae",
+    "remove_patch_parallel_vae",
 ]

@@ -21,6 +21,7 @@ from diffusers.utils import logging
 from ..attention import SequenceParallelAttnProcessor, check_attention_backend
 from ..distributed import ParallelGroups, all_gather_dim0, init_distributed, sp_shard_bounds, take_shard
 from ..models.sp_plan import GatherInput, ShardBoundsOutput, SplitOutput, SPPlan, SPPlanEntry
+from ..text_encoder_placement import DEFAULT_TEXT_ENCODER_PLACEMENT, TEXT_ENCODER_PLACEMENTS
 
 
 logger = logging.get_logger(__name__)
@@ -34,9 +35,10 @@ class SequenceParallelConfig:
     r"""
     Configuration of sequence parallelism.
 
-    The SP world is `ulysses_degree * ring_degree` processes; with CFG parallel (`cfg_degree=2`) the world is twice
-    that. Ulysses ranks are contiguous: with `ulysses_degree=2, ring_degree=2`, ranks (0, 1) and (2, 3) all-to-all and
-    (0, 2), (1, 3) pass K/V around their rings.
+    The SP world is `ulysses_degree * ring_degree` processes; with CFG parallel (`cfg_degree=2`) a replica is twice
+    that, and with `dp_degree` replicas the world is `dp_degree` replicas. Ulysses ranks are contiguous: with
+    `ulysses_degree=2, ring_degree=2`, ranks (0, 1) and (2, 3) all-to-all and (0, 2), (1, 3) pass K/V around their
+    rings.
 
     Args:
         ulysses_degree (`int`, defaults to `1`):
@@ -46,6 +48,11 @@ class SequenceParallelConfig:
             Ring degree: K/V blocks of the image sequence are passed around the ring and merged by log-sum-exp.
         cfg_degree (`int`, defaults to `1`):
             1, or 2 to run the conditional and unconditional branches of true CFG on separate halves of the ranks.
+        dp_degree (`int`, defaults to `1`):
+            Number of independent data-parallel replicas, each `cfg_degree * ring_degree * ulysses_degree` contiguous
+            ranks with its own SP and CFG groups. Every rank of a replica runs the same request; different replicas
+            run different requests (the server hands each batch to a free replica). A replica of one process runs
+            the transformer unsharded.
         attention_backend (`str`, defaults to `"auto"`):
             The per-block kernel, named as in diffusers: `"auto"`, `"_native_flash"` (PyTorch's flash kernel, CPU or
             CUDA), `"_native_efficient"` (PyTorch's memory-efficient CUDA kernel), `"flash"` (the flash-attn package),
@@ -55,9 +62,21 @@ class SequenceParallelConfig:
             others with an error after this long instead of a hang.
         shard_weights (`bool` or `str`, defaults to `False`):
             Also shard the transformer blocks' weights with FSDP2 (`diffusers_qwen_sp.weight_sharding`), applied by
-            `pipe.enable_sequence_parallel`: `True` or `"world"` over every process, `"sp"` over each SP group (for
-            TeaCache under CFG parallel). Cannot be undone. At the transformer level `apply_sequence_parallel` does
+            `pipe.enable_sequence_parallel`: `True` or `"world"` over every process of the replica (with
+            `dp_degree > 1`, "world" means the replica's ranks: a group spanning replicas would all-gather across
+            replicas that run different requests, and hang), `"sp"` over each SP group (for TeaCache under CFG
+            parallel). Cannot be undone. At the transformer level `apply_sequence_parallel` does
             not read it: call `apply_weight_sharding(transformer, WeightShardingConfig(group=...), runtime.groups)`.
+        text_encoder (`str`, defaults to `"one_rank"`):
+            Where the pipeline's text encoder lives (`diffusers_qwen_sp.text_encoder_placement`), applied by
+            `pipe.enable_sequence_parallel`: `"one_rank"` (the replica's first rank encodes and broadcasts the
+            embeddings; the others drop the encoder, or never load it), `"replicated"` (every rank keeps it) or
+            `"sharded"` (its decoder layers over the replica's ranks, FSDP2). The default saves the encoder's whole
+            size on every other rank at the cost of one broadcast, which every placement pays anyway.
+        parallel_vae (`bool`, defaults to `True`):
+            Split the pipeline's VAE decode (and the encode of reference images) into slabs over the replica's ranks
+            (`diffusers_qwen_sp.hooks.vae_patch_parallel`), applied by `pipe.enable_sequence_parallel`; exact to fp32
+            rounding, faster, and with a peak decode memory per rank that falls with the degree.
     """
 
     ulysses_degree: int = 1
@@ -66,9 +85,12 @@ class SequenceParallelConfig:
     attention_backend: str = "auto"
     timeout: float = 600.0
     shard_weights: bool | str = False
+    dp_degree: int = 1
+    text_encoder: str = DEFAULT_TEXT_ENCODER_PLACEMENT
+    parallel_vae: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("ulysses_degree", "ring_degree", "cfg_degree"):
+        for name in ("ulysses_degree", "ring_degree", "cfg_degree", "dp_degree"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"SequenceParallelConfig.{name} must be a positive integer, got {value!r}.")
@@ -82,6 +104,13 @@ class SequenceParallelConfig:
                 "SequenceParallelConfig.shard_weights must be False, True, 'world' (shard over every process) or 'sp' "
                 f"(over each SP group), got {self.shard_weights!r}."
             )
+        if self.text_encoder not in TEXT_ENCODER_PLACEMENTS:
+            raise ValueError(
+                f"SequenceParallelConfig.text_encoder must be one of {TEXT_ENCODER_PLACEMENTS}, got "
+                f"{self.text_encoder!r}."
+            )
+        if not isinstance(self.parallel_vae, bool):
+            raise TypeError(f"SequenceParallelConfig.parallel_vae must be True or False, got {self.parallel_vae!r}.")
 
     @property
     def weight_sharding_group(self) -> str | None:
@@ -96,9 +125,14 @@ class SequenceParallelConfig:
         return self.ulysses_degree * self.ring_degree
 
     @property
-    def world_size(self) -> int:
-        """Processes needed: `cfg_degree * ring_degree * ulysses_degree`."""
+    def replica_size(self) -> int:
+        """Processes in one replica: `cfg_degree * ring_degree * ulysses_degree`."""
         return self.cfg_degree * self.sp_degree
+
+    @property
+    def world_size(self) -> int:
+        """Processes needed: `dp_degree * cfg_degree * ring_degree * ulysses_degree`."""
+        return self.dp_degree * self.replica_size
 
 
 # ---------------------------------------------------------------------------------------------------- the hooks
@@ -297,18 +331,24 @@ def apply_sequence_parallel(
             config = SequenceParallelConfig(ulysses_degree=dist.get_world_size())
         else:
             init_distributed(timeout=config.timeout)
-        groups = ParallelGroups.create(config.ulysses_degree, config.ring_degree, config.cfg_degree)
+        groups = ParallelGroups.create(config.ulysses_degree, config.ring_degree, config.cfg_degree, config.dp_degree)
     elif config is None:
         config = SequenceParallelConfig(
-            ulysses_degree=groups.ulysses_degree, ring_degree=groups.ring_degree, cfg_degree=groups.cfg_degree
+            ulysses_degree=groups.ulysses_degree,
+            ring_degree=groups.ring_degree,
+            cfg_degree=groups.cfg_degree,
+            dp_degree=groups.dp_degree,
         )
     else:
-        given = (config.ulysses_degree, config.ring_degree, config.cfg_degree)
-        built = (groups.ulysses_degree, groups.ring_degree, groups.cfg_degree)
+        given = (config.ulysses_degree, config.ring_degree, config.cfg_degree, config.dp_degree)
+        built = (groups.ulysses_degree, groups.ring_degree, groups.cfg_degree, groups.dp_degree)
         if given != built:
+            axes = "(ulysses, ring, cfg, dp)"
+            if given[3] == built[3] == 1:  # no replicas: the three SP degrees
+                axes, given, built = "(ulysses, ring, cfg)", given[:3], built[:3]
             raise ValueError(
-                f"config asks for (ulysses, ring, cfg) = {given} but the groups given were built for {built}; pass "
-                "groups built with ParallelGroups.create(*the config's degrees), or only one of the two."
+                f"config asks for {axes} = {given} but the groups given were built for {built}; pass groups built "
+                "with ParallelGroups.create(*the config's degrees), or only one of the two."
             )
     heads = transformer.config.num_attention_heads
     if heads % config.ulysses_degree:

@@ -6,17 +6,14 @@ import contextlib
 import functools
 import inspect
 import json
-import numbers
 import os
-from collections.abc import Iterator
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from diffusers.hooks.group_offloading import _get_group_onload_device
 from diffusers.utils import logging
-from diffusers.utils.torch_utils import get_device
 
 from ..distributed import broadcast_from_rank0, check_same_across_ranks, collective_timeout, is_collective_failure
 from ..hooks.cfg_parallel import apply_cfg_parallel, get_cfg_parallel_hook, remove_cfg_parallel
@@ -28,11 +25,28 @@ from ..hooks.sequence_parallel import (
 )
 from ..hooks.teacache import TeaCacheConfig, remove_teacache
 from ..hooks.teacache import teacache_stats as transformer_teacache_stats
+from ..hooks.vae_patch_parallel import (
+    PatchParallelVAEConfig,
+    apply_patch_parallel_vae,
+    get_patch_parallel_vae,
+    remove_patch_parallel_vae,
+)
 from ..models import DenoisingStep, QwenImageSPTransformer2DModel
+from .call_arguments import COMPARED_BY_VALUE, SAME_ACROSS_RANKS, describe_argument
+from .offload import SEQUENTIAL_OFFLOAD_UNSUPPORTED, ParallelOffloadMixin
+from ..prompt_batching import plan_prompt_pair
+from ..text_encoder_placement import (
+    TextEncoderPlacementConfig,
+    apply_text_encoder_placement,
+    encode_prompt_on_this_rank,
+    get_text_encoder_placement,
+    prompt_encoding,
+    remove_text_encoder_placement,
+    text_encoder_absent,
+)
 from ..weight_sharding import (
     WeightShardingConfig,
     apply_weight_sharding,
-    get_weight_sharding,
     remove_weight_sharding,
 )
 
@@ -43,71 +57,13 @@ STOCK_TRANSFORMER_CLASS_NAME = "QwenImageTransformer2DModel"
 
 logger = logging.get_logger(__name__)
 
-# Why sequential offload is refused under parallelism, and what to use instead (README "what composes with what").
-SEQUENTIAL_OFFLOAD_UNSUPPORTED = (
-    "enable_sequential_cpu_offload (or a device_map that spreads the transformer: accelerate hooks that move every "
-    "layer's weights in from the CPU or meta device on each call) is not supported together with sequence/CFG "
-    "parallelism in diffusers_qwen_sp. For the same memory profile use leaf-level group offloading, which composes "
-    "with it: pipe.enable_group_offload(onload_device=torch.device('cuda'), offload_type='leaf_level') (add "
-    "use_stream=True to overlap transfers), or pipe.enable_model_cpu_offload() for whole-model offloading. Remove "
-    "the sequential offload first with pipe.remove_all_hooks()."
-)
-
-
-# Call arguments every rank must pass alike under SP / CFG parallel: they decide the sequence of collectives (steps,
-# sizes, CFG on or off) or what the image shows. Not the generator: rank 0's noise is broadcast to every rank.
-SAME_ACROSS_RANKS = (
-    "prompt",
-    "negative_prompt",
-    "true_cfg_scale",
-    "guidance_scale",
-    "height",
-    "width",
-    "num_inference_steps",
-    "sigmas",
-    "num_images_per_prompt",
-    "max_sequence_length",
-    "image",
-    "layers",
-    "resolution",
-    "cfg_normalize",
-    "use_en_prompt",
-    "prompt_embeds",
-    "prompt_embeds_mask",
-    "negative_prompt_embeds",
-    "negative_prompt_embeds_mask",
-    "latents",
-)
-# Compared by value even when given as an array or a tensor (the others by shape: their values are broadcast).
-_COMPARED_BY_VALUE = ("sigmas",)
-
-
-def describe_argument(value: Any, by_value: bool = False) -> Any:
-    r"""
-    A small, picklable summary of a pipeline call argument that two ranks can compare: numbers and strings as they
-    are, tensors and arrays by shape (by value with `by_value`), images by mode and size, lists item by item.
-    """
-    if value is None or isinstance(value, (str, bool, numbers.Real)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [describe_argument(item, by_value) for item in value]
-    if isinstance(value, dict):
-        return {key: describe_argument(item, by_value) for key, item in value.items()}
-    shape = getattr(value, "shape", None)
-    if shape is not None and hasattr(value, "tolist"):  # a tensor or an array
-        return value.tolist() if by_value else f"{type(value).__name__} of shape {tuple(shape)}"
-    size, mode = getattr(value, "size", None), getattr(value, "mode", None)
-    if isinstance(size, tuple) and isinstance(mode, str):  # a PIL image
-        return f"{mode} image of {size[0]}x{size[1]}"
-    return type(value).__name__  # never a default repr: it holds a memory address that differs per rank
-
 
 def stock_parent(pipeline_cls: type) -> type:
     r"""The stock diffusers pipeline class that one of our pipeline classes extends."""
     return next(cls for cls in pipeline_cls.__mro__ if cls.__module__.startswith("diffusers.pipelines."))
 
 
-class QwenImageSPPipelineMixin:
+class QwenImageSPPipelineMixin(ParallelOffloadMixin):
     r"""
     Mixin for the thin subclasses of diffusers' Qwen-Image pipelines.
 
@@ -183,10 +139,15 @@ class QwenImageSPPipelineMixin:
         see `diffusers_qwen_sp.weight_sharding`): load LoRA adapters before, do not offload, and expect no way back
         (`disable_sequence_parallel` then raises; load the pipeline again to run unsharded).
 
+        The rest of the pipeline is distributed too (each a field of the config): the text encoder lives on the
+        first rank of each replica only (`text_encoder="one_rank"`, the default: the others drop it, or load the
+        pipeline with `text_encoder=None` to never read it; `"replicated"`, `"sharded"`), and the VAE decodes (and
+        encodes reference images) in slabs over the ranks (`parallel_vae=True`, the default; exact to fp32 rounding).
+
         Args:
             config ([`SequenceParallelConfig`], *optional*): the degrees; or pass its fields as keyword arguments
-                (`ulysses_degree`, `ring_degree`, `cfg_degree`, `shard_weights`, ...). Default: Ulysses over all
-                processes.
+                (`ulysses_degree`, `ring_degree`, `cfg_degree`, `dp_degree`, `shard_weights`, `text_encoder`,
+                `parallel_vae`, ...). Default: Ulysses over all processes.
 
         Example:
 
@@ -215,13 +176,20 @@ class QwenImageSPPipelineMixin:
                     raise
         try:
             self._check_offload_devices()
+            if self.vae is not None and runtime.config.parallel_vae:
+                apply_patch_parallel_vae(self.vae, PatchParallelVAEConfig(), runtime.groups)
+            with self._model_offload_outside():  # its checks raise alike on every rank, before any change
+                apply_text_encoder_placement(self, TextEncoderPlacementConfig(runtime.config.text_encoder))
             if runtime.config.weight_sharding_group is not None:
                 # Its checks (offloading, quantized weights) raise alike on every rank, before any collective.
                 apply_weight_sharding(
                     self.transformer, WeightShardingConfig(group=runtime.config.weight_sharding_group), runtime.groups
                 )
         except (ValueError, TypeError, RuntimeError):
-            self.disable_sequence_parallel()  # all or nothing (the sharding, applied last, is not applied on error)
+            # All or nothing, but for what cannot be undone: a sharded text encoder when the weight sharding after it
+            # is refused (then load the pipeline again). The error that stopped us is raised.
+            with contextlib.suppress(RuntimeError):
+                self.disable_sequence_parallel()
             raise
         # Not under model offload, whose hooks place the models; group-offloaded models are left alone by `to`.
         if not offloaded and self.device.type == "cuda" and torch.cuda.current_device() != self.device.index:
@@ -230,11 +198,16 @@ class QwenImageSPPipelineMixin:
 
     def disable_sequence_parallel(self) -> None:
         r"""
-        Remove sequence (and CFG) parallelism; the pipeline runs unsharded again (process groups stay initialised).
-        Raises a `RuntimeError`, changing nothing, when the weights are sharded (`shard_weights`): FSDP2 cannot be
-        undone; load the pipeline again instead.
+        Remove sequence (and CFG) parallelism and the parallel VAE; the pipeline runs unsharded again (process groups
+        stay initialised). Raises a `RuntimeError`, changing nothing, when the weights or the text encoder are sharded
+        (`shard_weights`, `text_encoder="sharded"`): FSDP2 cannot be undone; load the pipeline again instead. Ranks
+        that dropped their text encoder (`text_encoder="one_rank"`) stay without one: set `pipe.text_encoder` or pass
+        `prompt_embeds`.
         """
-        remove_weight_sharding(self.transformer)  # raises if the weights are sharded, before anything is removed
+        # Each raises if its part is sharded, before anything is removed.
+        remove_weight_sharding(self.transformer)
+        remove_text_encoder_placement(self)
+        remove_patch_parallel_vae(self.vae)
         with self._model_offload_outside():
             if get_cfg_parallel_hook(self.transformer) is not None:
                 remove_cfg_parallel(self.transformer)
@@ -245,141 +218,53 @@ class QwenImageSPPipelineMixin:
         """Whether sequence parallelism is attached to the transformer."""
         return get_sequence_parallel_runtime(self.transformer) is not None
 
-    def _sync_across_ranks(self, value: Any) -> Any:
-        # Every rank must denoise the same inputs, or the sharded results mix different images.
-        return broadcast_from_rank0(value) if self.sequence_parallel_enabled else value
+    def _sync_across_ranks(self, produce: Callable[[], Any], what: str) -> Any:
+        # Every rank of a replica must denoise the same inputs, or the sharded results mix different images: every
+        # rank runs `produce` (a rank without the text encoder gets None), and the replica's leader (group rank 0)
+        # broadcasts its value over the replica (with dp_degree > 1 each replica over its own group; a replica of one
+        # process has nothing to sync). An exception on the leader is broadcast in its place and raised on every rank
+        # alike: the others never wait in a broadcast the leader does not reach (in `serve`, one failed batch).
+        runtime = get_sequence_parallel_runtime(self.transformer)
+        if runtime is None or runtime.groups.replica_size == 1:
+            return produce()
+        failure: Exception | None = None
+        try:
+            value = produce()
+        except Exception as error:  # noqa: BLE001 - sent to every rank, raised below
+            if is_collective_failure(error):
+                raise
+            value, failure = None, error
+        description = None if failure is None else f"{type(failure).__name__}: {failure}"
+        groups = runtime.groups
+        # (error or None, value) on the leader -> the same pair on every rank of the replica
+        description, value = broadcast_from_rank0(
+            (description, value), group=groups.replica_group if groups.dp_degree > 1 else None
+        )
+        if description is None:
+            return value  # a follower's own failure is moot: it takes the leader's value
+        if failure is not None and groups.replica_rank == 0:
+            raise failure
+        leader = groups.replica_ranks[0]
+        raise RuntimeError(f"Rank {leader}, the replica's leader, failed to compute {what}: {description}")
 
     def encode_prompt(self, *args: Any, **kwargs: Any) -> Any:
-        r"""The stock `encode_prompt`; under parallelism every rank gets rank 0's embeddings."""
-        return self._sync_across_ranks(super().encode_prompt(*args, **kwargs))
+        r"""
+        The stock `encode_prompt`; under parallelism every rank gets its replica leader's embeddings, and a rank
+        without a text encoder (placement `"one_rank"`) only receives them. In a true-CFG call the first call encodes
+        the negative prompt too, in the same encoder forward, and the second returns it (see
+        `diffusers_qwen_sp.prompt_batching` and `diffusers_qwen_sp.text_encoder_placement`).
+        """
+        runtime = get_sequence_parallel_runtime(self.transformer)
+        groups = runtime.groups if runtime is not None else None
+        encode = super().encode_prompt
+        return self._sync_across_ranks(
+            lambda: encode_prompt_on_this_rank(self, encode, args, kwargs, groups), "the prompt embeddings"
+        )
 
     def prepare_latents(self, *args: Any, **kwargs: Any) -> Any:
         r"""The stock `prepare_latents`; under parallelism every rank gets rank 0's noise."""
-        return self._sync_across_ranks(super().prepare_latents(*args, **kwargs))
-
-    # ------------------------------------------------------------------ offloading
-
-    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
-        r"""
-        diffusers' `enable_model_cpu_offload`, with the accelerator defaulting to this rank's own device.
-
-        diffusers defaults to `gpu_id=0`: under `torchrun` every rank would compute on GPU 0. Once torch.distributed
-        is initialised, the default is this process's current device (`torch.cuda.current_device()`, which
-        `enable_sequence_parallel` sets from `LOCAL_RANK`). The order of the calls does not matter:
-        `enable_sequence_parallel` moves an offload chosen before it to this rank's device. One process without
-        torch.distributed keeps diffusers' default.
-
-        Args:
-            gpu_id (`int`, *optional*): the accelerator index; under sequence parallelism it must be this rank's.
-            device (`torch.device` or `str`, *optional*): the accelerator (type, optionally with an index).
-
-        Example:
-
-        ```py
-        >>> # torchrun --nproc-per-node 2 script.py
-        >>> pipe.enable_sequence_parallel(ulysses_degree=2)
-        >>> pipe.enable_model_cpu_offload()  # rank 0 computes on cuda:0, rank 1 on cuda:1
-        ```
-        """
-        self._refuse_offload_of_sharded_weights("enable_model_cpu_offload")
-        target = self._offload_target_of_this_rank("enable_model_cpu_offload", gpu_id, device)
-        super().enable_model_cpu_offload(**target)
-
-    def enable_sequential_cpu_offload(
-        self, gpu_id: int | None = None, device: torch.device | str | None = None
-    ) -> None:
-        r"""
-        diffusers' `enable_sequential_cpu_offload`; refused (`ValueError`) under sequence/CFG parallelism, where
-        leaf-level group offloading gives the same memory profile:
-        `pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_type="leaf_level")`.
-        """
-        if self.sequence_parallel_enabled:
-            raise ValueError(SEQUENTIAL_OFFLOAD_UNSUPPORTED)
-        super().enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
-
-    def _refuse_offload_of_sharded_weights(self, method: str) -> None:
-        if get_weight_sharding(self.transformer) is not None:
-            raise ValueError(
-                f"{method}: the transformer's weights are sharded across ranks (shard_weights); offloading would move "
-                "FSDP's shards behind its back. Sharding already divides the weights by the world size: use one or "
-                "the other (load the pipeline again without shard_weights to offload)."
-            )
-
-    def _offload_target_of_this_rank(
-        self, method: str, gpu_id: int | None, device: torch.device | str | None
-    ) -> dict[str, Any]:
-        # The arguments for diffusers' offload method: this rank's accelerator unless one was named.
-        if not dist.is_initialized():
-            return {"gpu_id": gpu_id, "device": device}
-        device_type = torch.device(device).type if device is not None else get_device()
-        if device_type == "cpu":  # diffusers refuses it without a device, and runs it (for tests) with one
-            return {"gpu_id": gpu_id, "device": device}
-        current_device = getattr(torch.get_device_module(device_type), "current_device", None)
-        if current_device is None:
-            return {"gpu_id": gpu_id, "device": device}
-        requested = gpu_id if gpu_id is not None else torch.device(device).index if device is not None else None
-        index = current_device() if requested is None else requested
-        if self.sequence_parallel_enabled and index != current_device():
-            raise ValueError(
-                f"{method}: got gpu_id/device index {index}, but under sequence parallelism rank {dist.get_rank()} "
-                f"computes on {device_type}:{current_device()} (set from LOCAL_RANK by enable_sequence_parallel). "
-                f"Leave gpu_id and the device index out: each rank then offloads to its own device."
-            )
-        # diffusers takes `gpu_id or device index or its previous id`, which drops an index of 0: set the previous.
-        self._offload_gpu_id = index
-        return {"gpu_id": None, "device": torch.device(device_type)}
-
-    def _accelerate_offload(self) -> str | None:
-        # "model" (enable_model_cpu_offload), "sequential" (any other accelerate hook on the transformer root:
-        # enable_sequential_cpu_offload or a device map), or None.
-        hook = getattr(self.transformer, "_hf_hook", None)
-        if hook is None:
-            return None
-        from accelerate.hooks import CpuOffload
-
-        return "model" if isinstance(hook, CpuOffload) else "sequential"
-
-    @contextlib.contextmanager
-    def _model_offload_outside(self) -> Iterator[None]:
-        # accelerate puts its model-offload hook on the transformer root by replacing `forward`, and removes and
-        # re-adds it after every call (`maybe_free_model_hooks`) by restoring the `forward` it replaced. Registered
-        # after it, the CFG-parallel hook (also on the root) would be dropped from the forward after the first call,
-        # and removing it would drop accelerate's hook: take model offload off while the root's hooks change, and put
-        # it back around them, on this rank's device.
-        if self._accelerate_offload() != "model":
-            yield
-            return
-        previous = torch.device(self.transformer._hf_hook.execution_device)
-        self.remove_all_hooks()
-        try:
-            yield
-        finally:
-            self.enable_model_cpu_offload(device=previous.type)
-            if torch.device(self.transformer._hf_hook.execution_device) != previous:
-                logger.info(f"Model CPU offload moved from {previous} to this rank's {self._offload_device}.")
-
-    def _check_offload_devices(self) -> None:
-        # Group offloading onto an explicit device index other than this rank's would put two ranks on one device.
-        if not self.sequence_parallel_enabled:
-            return
-        for name, component in self.components.items():
-            if not isinstance(component, torch.nn.Module):
-                continue
-            try:
-                onload = torch.device(_get_group_onload_device(component))
-            except ValueError:  # no group offloading on this component
-                continue
-            if onload.index is None or onload.type == "cpu":
-                continue
-            current_device = getattr(torch.get_device_module(onload.type), "current_device", None)
-            if current_device is None:
-                continue
-            if onload.index != current_device():
-                raise ValueError(
-                    f"Group offloading of `{name}` onloads to {onload}, but under sequence parallelism rank "
-                    f"{dist.get_rank()} computes on {onload.type}:{current_device()}. Enable group offloading with "
-                    f"onload_device=torch.device({onload.type!r}) (no index: each rank's current device)."
-                )
+        prepare = super().prepare_latents
+        return self._sync_across_ranks(lambda: prepare(*args, **kwargs), "the initial latents")
 
     # ------------------------------------------------------------------ TeaCache
 
@@ -428,6 +313,99 @@ class QwenImageSPPipelineMixin:
             merged.update(rank_stats)
         return merged
 
+    # ------------------------------------------------------------------ text encoder
+
+    def set_text_encoder_placement(self, placement: str | TextEncoderPlacementConfig) -> None:
+        r"""
+        Choose where the text encoder lives under parallelism: `"one_rank"` (the replica leader only; the others drop
+        theirs and receive the embeddings), `"replicated"` (every rank) or `"sharded"` (its decoder layers over the
+        replica's ranks, FSDP2). Call it on every rank after `enable_sequence_parallel`; model CPU offload is taken
+        off and put back around the change. `"one_rank"` cannot give the dropped encoders back and `"sharded"` cannot
+        be undone: load the pipeline again to change them.
+
+        Args:
+            placement (`str` or [`TextEncoderPlacementConfig`]): `"one_rank"`, `"replicated"` or `"sharded"`.
+
+        Example:
+
+        ```py
+        >>> # torchrun --nproc-per-node 2 script.py; rank 1 never loads the encoder
+        >>> pipe = QwenImageSPPipeline.from_pretrained(
+        ...     "Qwen/Qwen-Image", dtype=torch.bfloat16, **({} if rank == 0 else {"text_encoder": None})
+        ... )
+        >>> pipe.enable_sequence_parallel(ulysses_degree=2)
+        >>> pipe.set_text_encoder_placement("one_rank")
+        ```
+        """
+        if not isinstance(placement, TextEncoderPlacementConfig):
+            placement = TextEncoderPlacementConfig(placement=placement)
+        with self._model_offload_outside():
+            apply_text_encoder_placement(self, placement)
+
+    @property
+    def text_encoder_placement(self) -> str | None:
+        """The text encoder's placement (`"one_rank"`, `"replicated"`, `"sharded"`), or `None` when none was set."""
+        runtime = get_text_encoder_placement(self)
+        return None if runtime is None else runtime.config.placement
+
+    def get_image_caption(self, *args: Any, **kwargs: Any) -> str:
+        r"""Qwen-Image-Layered's caption of the input image for an empty prompt; under parallelism every rank gets the
+        replica leader's (a rank without a text encoder only receives it)."""
+        caption = super().get_image_caption
+        absent = text_encoder_absent(self) and self.sequence_parallel_enabled
+        return self._sync_across_ranks(lambda: None if absent else caption(*args, **kwargs), "the image caption")
+
+    def _prompt_encoding(self, args: tuple, kwargs: dict[str, Any]) -> contextlib.AbstractContextManager:
+        # This call's plan to encode the prompt and the negative prompt in one encoder forward.
+        call = self._call_arguments(args, kwargs)
+        return prompt_encoding(self, plan_prompt_pair(call, self._uses_true_cfg(call)))
+
+    # ------------------------------------------------------------------ parallel VAE
+
+    def enable_parallel_vae(self, config: PatchParallelVAEConfig | None = None, **kwargs: Any) -> None:
+        r"""
+        Split the VAE decode (and the encode of reference images) spatially over the ranks that run one image.
+        `enable_sequence_parallel` does it by default (`parallel_vae=True`); call this to choose another config.
+
+        Each rank runs the VAE's low-resolution middle (with its global attention) whole and its own slab of rows,
+        with halos, through the rest; the rows are all-gathered, so every rank gets the image of one process, to fp32
+        rounding (see `diffusers_qwen_sp.hooks.vae_patch_parallel`). Needs sequence parallelism: the decode group is
+        its replica (every `cfg x ring x ulysses` rank of one image), whose ranks all hold the same latents.
+
+        Args:
+            config ([`PatchParallelVAEConfig`], *optional*): or its fields as keyword arguments (`decode`, `encode`,
+                `split_dim`). Default: decode and encode, along the longer side.
+
+        Example:
+
+        ```py
+        >>> # torchrun --nproc-per-node 4 script.py
+        >>> pipe.enable_sequence_parallel(ulysses_degree=4)  # each rank decodes a quarter of the image
+        >>> pipe.enable_parallel_vae(encode=False)  # reference images encoded whole on every rank
+        >>> image = pipe("a red fox in the snow", negative_prompt=" ", true_cfg_scale=4.0).images[0]
+        ```
+        """
+        if config is not None and kwargs:
+            raise ValueError(f"Pass either `config` or keyword arguments, not both (got config and {sorted(kwargs)}).")
+        runtime = get_sequence_parallel_runtime(self.transformer)
+        if runtime is None:
+            raise RuntimeError(
+                "enable_parallel_vae splits the VAE over the ranks of the sequence parallelism, which is not enabled: "
+                "call pipe.enable_sequence_parallel(...) first (on every rank), then pipe.enable_parallel_vae()."
+            )
+        config = config if config is not None else PatchParallelVAEConfig(**kwargs)
+        remove_patch_parallel_vae(self.vae)  # enable_sequence_parallel applies the default config (parallel_vae)
+        apply_patch_parallel_vae(self.vae, config, runtime.groups)
+
+    def disable_parallel_vae(self) -> None:
+        r"""Remove the parallel VAE (a no-op when it is off): every rank decodes and encodes whole again."""
+        remove_patch_parallel_vae(self.vae)
+
+    @property
+    def parallel_vae_enabled(self) -> bool:
+        """Whether the VAE's decode / encode is split over the ranks ([`enable_parallel_vae`])."""
+        return get_patch_parallel_vae(self.vae) is not None
+
     # ------------------------------------------------------------------ denoising progress
 
     def _denoising_step(self) -> DenoisingStep:
@@ -458,7 +436,7 @@ class QwenImageSPPipelineMixin:
     @staticmethod
     def _arguments_to_agree_on(call: dict[str, Any]) -> dict[str, Any]:
         return {
-            name: describe_argument(call[name], by_value=name in _COMPARED_BY_VALUE)
+            name: describe_argument(call[name], by_value=name in COMPARED_BY_VALUE)
             for name in SAME_ACROSS_RANKS
             if name in call
         }
@@ -486,10 +464,14 @@ class QwenImageSPPipelineMixin:
                 call = self._call_arguments(args, kwargs)
                 self._check_offload_devices()
                 # Different inputs on different ranks would run different collectives and hang far from the cause.
-                check_same_across_ranks(self._arguments_to_agree_on(call))
+                groups = get_sequence_parallel_runtime(self.transformer).groups
+                if groups.dp_degree == 1 or groups.replica_size > 1:  # over the replica (dp > 1: one request each)
+                    check_same_across_ranks(
+                        self._arguments_to_agree_on(call), group=groups.replica_group if groups.dp_degree > 1 else None
+                    )
                 if cfg_hook is not None:
                     cfg_hook.true_cfg = self._uses_true_cfg(call)
-            with self.transformer.denoising_progress(self._denoising_step):
+            with self.transformer.denoising_progress(self._denoising_step), self._prompt_encoding(args, kwargs):
                 return super().__call__(*args, **kwargs)
         except Exception as error:
             if not (parallel and is_collective_failure(error)):

@@ -144,6 +144,7 @@ def load_scene_pipeline(
     path: str | os.PathLike | None = None,
     pipeline_cls: type[DiffusionPipeline] = QwenImagePipeline,
     dtype: torch.dtype = torch.float32,
+    **kwargs: Any,
 ) -> DiffusionPipeline:
     r"""
     Load the trained scene model (offline; it ships with the package).
@@ -154,6 +155,7 @@ def load_scene_pipeline(
         pipeline_cls (`type[DiffusionPipeline]`, defaults to `QwenImagePipeline`):
             Stock `QwenImagePipeline` or our `diffusers_qwen_sp.QwenImageSPPipeline`.
         dtype (`torch.dtype`, defaults to `torch.float32`)
+        kwargs: passed to `from_pretrained` (e.g. `text_encoder=None` on a rank that receives prompt embeddings).
 
     Returns:
         `DiffusionPipeline`: draws 64 x 64 scenes from prompts of the grammar in `diffusers_qwen_sp.scenes.grammar`.
@@ -174,7 +176,7 @@ def load_scene_pipeline(
             f"{path} holds no trained scene model (no model_index.json); train one with "
             f"`python -m diffusers_qwen_sp train-scenes --output {path}`."
         )
-    return pipeline_cls.from_pretrained(path, dtype=dtype)
+    return pipeline_cls.from_pretrained(path, dtype=dtype, **kwargs)
 
 
 def is_scene_model(model: str | os.PathLike | None) -> bool:

@@ -225,7 +225,8 @@ def build_app(
         if model is None:
             raise state.refusal() or APIError(503, "The model is still loading.", code="service_unavailable")
         data = [{"id": name, "object": "model", "created": started, "owned_by": "diffusers_qwen_sp",
-                 "description": model.description} for name in model.limits.names]
+                 "description": model.description, "adapters": list(model.limits.adapters)}
+                for name in model.limits.names]
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/health")

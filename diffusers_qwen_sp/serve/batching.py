@@ -8,11 +8,12 @@ images or `batch_wait_s` has passed since it was taken. Incompatible requests ke
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 from .protocol import APIError, WorkItem
@@ -43,10 +44,11 @@ class Batch:
         return sum(entry.item.n for entry in self.entries)
 
     def fail(self, error: BaseException) -> None:
-        """Answer every request of the batch with `error` (those not answered yet)."""
+        """Answer every request of the batch with `error` (those not answered yet; safe when two threads race)."""
         for entry in self.entries:
-            if not entry.future.done():
-                entry.future.set_exception(error)
+            with contextlib.suppress(InvalidStateError):  # answered between the check and the set
+                if not entry.future.done():
+                    entry.future.set_exception(error)
 
 
 class RequestQueue:

@@ -6,6 +6,8 @@ import ipaddress
 import math
 from dataclasses import dataclass, field, fields
 
+from ..text_encoder_placement import TEXT_ENCODER_PLACEMENTS
+
 
 # Flags a user sets on the command line; defaults chosen for a real Qwen-Image checkpoint on GPUs.
 DEFAULT_MAX_BATCH_SIZE = 4
@@ -33,11 +35,16 @@ class ServeConfig:
             `qwen-image-edit`, ...).
         ulysses_degree, ring_degree (`int`, *optional*): sequence-parallel degrees of each replica (as `generate`).
         cfg_parallel (`bool`, defaults to `False`): run the two true-CFG branches on two halves of each replica.
-        dp_degree (`int`, defaults to `1`): data-parallel replicas (world = dp x cfg x ring x ulysses). Only 1 is
-            implemented.
+        dp_degree (`int`, defaults to `1`): data-parallel replicas (world = dp x cfg x ring x ulysses): each
+            replica is an independent copy of the model with its own SP group, and each batch goes to a free one.
         attention_backend (`str`, defaults to `"auto"`): the per-block attention kernel (see `generate --help`).
         shard_weights (`bool` or `str`, defaults to `False`): shard the transformer blocks' weights (FSDP2) over the
-            world (`True`, `"world"`) or each SP group (`"sp"`); see `SequenceParallelConfig`.
+            ranks of each replica (`True`, `"world"`) or each SP group (`"sp"`); see `SequenceParallelConfig`.
+        text_encoder (`str`, defaults to `"one_rank"`): where the text encoder lives under parallelism: `"one_rank"`
+            (each replica's first rank; the others never load it), `"replicated"` or `"sharded"`; see
+            `SequenceParallelConfig`.
+        parallel_vae (`bool`, defaults to `True`): decode in slabs over each replica's ranks (exact to fp32
+            rounding); see `SequenceParallelConfig`.
         timeout (`float`, defaults to `600.0`): collective timeout in seconds: a dead or stuck rank ends the service
             after at most this long.
         teacache (`float`, *optional*): TeaCache threshold; `None` computes every step.
@@ -56,6 +63,9 @@ class ServeConfig:
             or `"float16"`.
         device (`str`, *optional*): default: this rank's GPU when CUDA is available, else `"cpu"`.
         threads (`int`, *optional*): CPU intra-op threads per process (default: chosen by the size of the work).
+        loras (`tuple[tuple[str, str], ...]`, defaults to `()`): LoRA adapters loaded at start as `(name, source)`;
+            a source is a local file or folder, or a Hub repo id, optionally `REPO_ID::WEIGHT_NAME`. Requests pick
+            them by name in `lora`; a request without one runs the base weights.
         broken_grace_s (`float`, defaults to `1.0`): after a rank failed, how long rank 0 keeps answering 503 (so
             in-flight requests and health checks see why) before it exits.
     """
@@ -71,6 +81,8 @@ class ServeConfig:
     dp_degree: int = 1
     attention_backend: str = "auto"
     shard_weights: bool | str = False
+    text_encoder: str = "one_rank"
+    parallel_vae: bool = True
     timeout: float = 600.0
     teacache: float | None = None
     max_batch_size: int | None = None
@@ -84,6 +96,7 @@ class ServeConfig:
     dtype: str = "auto"
     device: str | None = None
     threads: int | None = None
+    loras: tuple[tuple[str, str], ...] = ()
     broken_grace_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -116,6 +129,23 @@ class ServeConfig:
             raise ValueError(
                 f"ServeConfig.teacache must be a threshold >= 0 (e.g. 0.2) or None, got {self.teacache!r}."
             )
+        if not isinstance(self.loras, tuple) or not all(
+            isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(part, str) and part.strip() for part in pair)
+            and pair[0] != "none"
+            for pair in self.loras
+        ):
+            raise ValueError(
+                "ServeConfig.loras must be a tuple of (name, source) pairs of non-empty strings (name not 'none'), "
+                f"got {self.loras!r}; on the command line: --lora NAME=SOURCE."
+            )
+        names = [name for name, _ in self.loras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"ServeConfig.loras names an adapter twice: {names}; give each --lora its own NAME.")
+        if self.text_encoder not in TEXT_ENCODER_PLACEMENTS:
+            raise ValueError(
+                f"ServeConfig.text_encoder must be one of {TEXT_ENCODER_PLACEMENTS} (--text-encoder one-rank, "
+                f"replicated or sharded), got {self.text_encoder!r}."
+            )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"ServeConfig.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}.")
         if self.served_model_names is not None:
@@ -126,13 +156,6 @@ class ServeConfig:
                     "ServeConfig.served_model_names must be a non-empty tuple of non-empty names, got "
                     f"{self.served_model_names!r}."
                 )
-        if self.dp_degree > 1:
-            raise ValueError(
-                f"--dp-degree {self.dp_degree}: data-parallel replicas inside one service are not implemented yet "
-                "(the pipelines broadcast rank 0's inputs over the whole world, not per replica). Run one service per "
-                "replica (e.g. `torchrun --nproc-per-node 4 ... serve --port 8000` and another on port 8001) behind a "
-                "load balancer, or use --dp-degree 1."
-            )
 
     @property
     def effective_max_batch_size(self) -> int:

@@ -138,6 +138,8 @@ class ServeMetrics:
       `too_large`, `queue_full`, `failed` (500), `unavailable` (503), `not_found`.
     - `queue_depth`, `queue_capacity`, `status{status}` (1 for the current one of loading, ready, draining, broken).
     - `batch_size` (images per pipeline call), `batches_total{outcome}`, `batch_seconds`.
+    - `replica_batches_total{replica, outcome}`: pipeline calls per data-parallel replica (`--dp-degree`; replica `0`
+      is rank 0's).
     - `request_latency_seconds{endpoint}` (arrival to answer), `queue_wait_seconds` (arrival to start of its batch).
     - `images_total`: images generated.
     - `transformer_calls_total{result}`: transformer forwards `computed`, or `skipped` by TeaCache.
@@ -148,6 +150,8 @@ class ServeMetrics:
         self.requests = Counter("requests_total", "Answered HTTP requests.", ("endpoint", "outcome"), lock)
         self.batch_size = Histogram("batch_size", "Images per pipeline call.", (), lock, buckets=BATCH_SIZE_BUCKETS)
         self.batches = Counter("batches_total", "Pipeline calls by outcome.", ("outcome",), lock)
+        self.replica_batches = Counter("replica_batches_total", "Pipeline calls by data-parallel replica and outcome.",
+                                       ("replica", "outcome"), lock)
         self.batch_seconds = Histogram("batch_seconds", "Duration of a pipeline call.", (), lock,
                                        buckets=LATENCY_BUCKETS)
         self.latency = Histogram("request_latency_seconds", "From a request's arrival to its answer.",
@@ -174,8 +178,8 @@ class ServeMetrics:
     def render(self) -> str:
         """The Prometheus text exposition of every metric."""
         lines: list[str] = []
-        for metric in (self.requests, *self._gauges, self.batch_size, self.batches, self.batch_seconds,
-                       self.latency, self.queue_wait, self.images, self.transformer_calls):
+        for metric in (self.requests, *self._gauges, self.batch_size, self.batches, self.replica_batches,
+                       self.batch_seconds, self.latency, self.queue_wait, self.images, self.transformer_calls):
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"
 

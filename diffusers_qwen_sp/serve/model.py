@@ -1,12 +1,14 @@
 """The served pipeline: what it accepts ([`ServedModel`]) and how a batch of [`WorkItem`]s becomes one call of it.
 
 A batch is one pipeline call with one CPU generator per image, seeded with that image's seed: the initial noise of
-every image is what `generate --seed <seed>` draws for it alone, whatever else runs in the batch.
+every image is what `generate --seed <seed>` draws for it alone, whatever else runs in the batch. Before the call the
+batch's LoRA adapters are switched on (every rank alike: the work items are broadcast), or all of them off.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,7 @@ def describe_served_model(
         max_steps=config.max_steps,
         max_n=config.max_n,
         max_input_images=config.max_input_images,
+        adapters=tuple(name for name, _ in config.loras),
     )
     source = "the scene model" if scene and config.model is None else config.model
     return ServedModel(pipe, limits, config.teacache is not None, f"{source} ({type(pipe).__name__})")
@@ -119,6 +122,58 @@ def pipeline_call(items: list[WorkItem]) -> dict[str, Any]:
     return call
 
 
+def load_adapters(pipe: Any, loras: tuple[tuple[str, str], ...]) -> None:
+    r"""
+    Load the LoRA adapters `(name, source)` into `pipe` and leave them all off (a request names the ones it wants).
+    A source is a local file or folder or a Hub repo id, optionally `REPO_ID::WEIGHT_NAME`. Call it before sequence
+    parallelism with sharded weights (FSDP2 needs the adapters' layers in place before it shards).
+
+    Raises:
+        `ValueError`: naming the adapter and the source that failed to load, with diffusers' reason.
+    """
+    for name, source in loras:
+        location, _, weight_name = source.partition("::")
+        kwargs = {"weight_name": weight_name} if weight_name else {}
+        try:
+            pipe.load_lora_weights(location, adapter_name=name, **kwargs)
+        except Exception as error:  # noqa: BLE001 - diffusers and the Hub raise many types; the cause is chained
+            raise ValueError(
+                f"--lora {name}={source}: could not load the adapter ({type(error).__name__}: {error}). Give a local "
+                "LoRA file or folder, or a Hub repo id (REPO_ID::WEIGHT_NAME to pick a file)."
+            ) from error
+    if loras:
+        pipe.disable_lora()
+
+
+def activate_adapters(served: ServedModel, adapters: tuple[tuple[str, float], ...]) -> None:
+    r"""
+    Switch the pipeline to the LoRA `adapters` (`(name, scale)` pairs) of the next batch, or to the base weights
+    when empty. A no-op when the service loaded no adapter. diffusers' `set_adapters` under SP, CFG parallel and
+    TeaCache gives the single-process result (tests/test_lora.py), so a switch between batches is safe.
+    """
+    if not served.limits.adapters:
+        return
+    if not adapters:
+        served.pipe.disable_lora()
+        return
+    served.pipe.enable_lora()
+    served.pipe.set_adapters([name for name, _ in adapters], [scale for _, scale in adapters])
+
+
+def run_batch(
+    served: ServedModel, items: list[WorkItem], on_step: Callable[..., dict] | None = None
+) -> list[list[Any]]:
+    r"""
+    Run `items` (one batch, equal keys) with their LoRA adapters as one pipeline call; the images, one list per
+    request. `on_step` becomes the pipeline's `callback_on_step_end` (the engine's heartbeat and abort check).
+    """
+    activate_adapters(served, items[0].adapters)
+    call = pipeline_call(items)
+    if on_step is not None:
+        call["callback_on_step_end"] = on_step
+    return split_images(items, list(served.pipe(**call).images))
+
+
 def split_images(items: list[WorkItem], images: list[Any]) -> list[list[Any]]:
     r"""The pipeline's output images, in call order, split back into one list per request."""
     expected = sum(item.n for item in items)
@@ -154,8 +209,11 @@ __all__ = [
     "FAMILY_NAMES",
     "SCENE_MODEL_NAME",
     "ServedModel",
+    "activate_adapters",
+    "load_adapters",
     "describe_served_model",
     "pipeline_call",
+    "run_batch",
     "split_images",
     "transformer_calls",
     "uses_true_cfg",

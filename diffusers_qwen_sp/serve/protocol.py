@@ -9,6 +9,7 @@ field and the values allowed.
 from __future__ import annotations
 
 import io
+import json
 import math
 import secrets
 from collections.abc import Mapping
@@ -29,6 +30,8 @@ GENERATION_FIELDS = ("prompt", "model", "n", "size", "response_format") + IGNORE
 EDIT_FIELDS = GENERATION_FIELDS + ("image", "image[]", "mask")
 RESPONSE_FORMATS = ("b64_json",)
 MAX_TRUE_CFG_SCALE = 50.0
+# A request's LoRA scales: a trained adapter is meant for about 1; negative scales steer away (slider LoRAs).
+MAX_LORA_SCALE = 4.0
 
 
 class APIError(Exception):
@@ -78,6 +81,8 @@ class ModelLimits:
     max_steps: int
     max_n: int
     max_input_images: int
+    adapters: tuple[str, ...] = ()
+    """The LoRA adapters loaded at start (`serve --lora NAME=SOURCE`) that a request may name in `lora`."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,8 @@ class WorkItem:
     num_inference_steps: int
     true_cfg_scale: float
     images: tuple[bytes, ...] = ()
+    adapters: tuple[tuple[str, float], ...] = ()
+    """`(adapter name, scale)` pairs, sorted by name; empty: the base weights."""
 
     @property
     def n(self) -> int:
@@ -108,11 +115,11 @@ class WorkItem:
     @property
     def key(self) -> tuple:
         """Requests with equal keys can share a pipeline call: same size, steps, guidance, negative prompt and
-        adapter (none yet). Edits never share one (each carries its own input images)."""
+        adapters. Edits never share one (each carries its own input images)."""
         if self.kind == "edit":
             return ("edit", self.request_id)
         return ("generation", self.height, self.width, self.num_inference_steps, self.true_cfg_scale,
-                self.negative_prompt, None)
+                self.negative_prompt, self.adapters)
 
 
 # ---------------------------------------------------------------------------------------------------- field parsing
@@ -186,6 +193,50 @@ def parse_size(value: Any, limits: ModelLimits) -> tuple[int, int]:
     return height, width
 
 
+def parse_lora(value: Any, limits: ModelLimits, from_form: bool = False) -> tuple[tuple[str, float], ...]:
+    r"""
+    The `lora` field -> sorted `(adapter name, scale)` pairs. Accepted: a name (`"ghibli"`, scale 1), an object
+    `{"name": "ghibli", "scale": 0.8}`, or a list of these (adapters combined, as diffusers' `set_adapters`); `null`
+    or `"none"` for the base weights. In a multipart form the field is a name or that JSON as text.
+    """
+    if value is None or value == "none":
+        return ()
+    if from_form and isinstance(value, str) and value.strip()[:1] in ("{", "["):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise bad_request(f"'lora' is not valid JSON ({error}).", "lora") from None
+    entries = value if isinstance(value, list) else [value]
+    if not entries:
+        return ()
+    available = ", ".join(map(repr, limits.adapters)) if limits.adapters else "none: start serve with --lora NAME=SOURCE"
+    pairs: dict[str, float] = {}
+    for entry in entries:
+        if isinstance(entry, str):
+            name, scale = entry, 1.0
+        elif isinstance(entry, dict) and set(entry) <= {"name", "scale"} and isinstance(entry.get("name"), str):
+            name, scale = entry["name"], entry.get("scale", 1.0)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+                raise bad_request(f"'lora' scale of {name!r} must be a number, got {scale!r}.", "lora")
+        else:
+            raise bad_request(
+                f"'lora' must be an adapter name, an object {{\"name\": ..., \"scale\": ...}} or a list of them, got "
+                f"{entry!r}.", "lora",
+            )
+        if name not in limits.adapters:
+            raise bad_request(f"'lora': no adapter named {name!r} is loaded; available: {available}.", "lora",
+                              code="adapter_not_found")
+        if name in pairs:
+            raise bad_request(f"'lora' names the adapter {name!r} more than once.", "lora")
+        if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+            raise bad_request(
+                f"'lora' scale of {name!r} must be between {-MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {scale}.",
+                "lora",
+            )
+        pairs[name] = scale
+    return tuple(sorted(pairs.items()))
+
+
 def _check_fields(fields: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     unknown = sorted(set(fields) - set(allowed))
     if unknown:
@@ -248,11 +299,7 @@ def parse_request(
         raise bad_request(
             f"'response_format' must be 'b64_json', got {response_format!r}.", "response_format"
         )
-    if fields.get("lora") is not None:
-        raise bad_request(
-            "'lora': switching LoRA adapters per request is not implemented yet; omit the field (the server runs "
-            "the weights it loaded).", "lora", code="not_implemented",
-        )
+    adapters = parse_lora(fields.get("lora"), limits, from_form)
     n = _int_in(fields, "n", 1, limits.max_n, 1, from_form)
     height, width = parse_size(fields.get("size"), limits)
     steps = _int_in(fields, "num_inference_steps", 1, limits.max_steps, limits.default_steps, from_form)
@@ -283,6 +330,7 @@ def parse_request(
         num_inference_steps=steps,
         true_cfg_scale=scale,
         images=tuple(images),
+        adapters=adapters,
     )
 
 
@@ -325,6 +373,7 @@ __all__ = [
     "WorkItem",
     "bad_request",
     "check_input_images",
+    "parse_lora",
     "parse_request",
     "parse_size",
 ]

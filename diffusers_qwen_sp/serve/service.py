@@ -2,9 +2,11 @@
 calling thread; every other rank runs the engine only. The whole group loads the model once, in parallel.
 
 Threads of rank 0: the calling (normally main) thread loads the pipeline, then runs the [`Engine`] loop, which issues
-every collective and every pipeline call; the `serve-http` thread runs uvicorn (its own event loop) and only queues
-validated work and waits for results. Stop signals (SIGTERM, SIGINT) are handled in the main thread by bumping a
-counter: the first drains (finish what was accepted, refuse the rest with 503, exit 0), a second stops at once.
+every collective of replica 0 and its pipeline calls; with `--dp-degree N`, one `serve-replica-D` thread per other
+replica hands it batches over its own control group; the `serve-http` thread runs uvicorn (its own event loop) and
+only queues validated work and waits for results. Stop signals (SIGTERM, SIGINT) are handled in the main thread by
+bumping a counter: the first drains (finish what was accepted, refuse the rest with 503, exit 0), a second stops at
+once.
 """
 
 from __future__ import annotations
@@ -163,6 +165,12 @@ class Service:
             "dp_degree": config.dp_degree,
             "teacache": config.teacache,
             "dtype": config.dtype,
+            # each changes the sequence of collectives (or, for a missing adapter, raises on one rank only)
+            "shard_weights": config.shard_weights,
+            "text_encoder": config.text_encoder,
+            "parallel_vae": config.parallel_vae,
+            "attention_backend": config.attention_backend,
+            "loras": config.loras,
             "pipeline": type(self.served.pipe).__name__ if self.served is not None else None,
         }
 

@@ -24,20 +24,28 @@ class ServiceState:
         self._status = LOADING
         self._reason = "loading the model"
         self.stop_signals = 0
-        """Stop signals received (SIGTERM, SIGINT); written by signal handlers, read by both threads."""
+        """Stop signals this process received (SIGTERM, SIGINT); written by signal handlers, read by every thread. A
+        second one stops at once, so only this process's own signals count here."""
+        self.drain_requested = threading.Event()
+        """Set when another rank reported a stop signal: drain as for one signal of our own (never a second)."""
+
+    @property
+    def stopping(self) -> bool:
+        """Whether a drain was asked for, by a signal to this process or by another rank."""
+        return self.stop_signals > 0 or self.drain_requested.is_set()
 
     @property
     def status(self) -> str:
         with self._lock:
             status = self._status
-        if status in (LOADING, READY) and self.stop_signals:
+        if status in (LOADING, READY) and self.stopping:
             return DRAINING
         return status
 
     @property
     def reason(self) -> str:
         with self._lock:
-            if self._status in (LOADING, READY) and self.stop_signals:
+            if self._status in (LOADING, READY) and self.stopping:
                 return "shutting down: finishing the requests already accepted"
             return self._reason
 
