@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -46,3 +50,53 @@ def wait_until_health_is_broken(url: str, within: float) -> list[tuple[int, str]
 
     wait_for(broken, within, "health to turn 503")
     return statuses
+
+
+class ServingWorld:
+    r"""
+    `run_distributed(serve_rank, world_size, folder)` in a thread of the test: the ranks of one service, rank 0
+    listening. `serve_rank(rank, world_size, folder)` must write `rank{N}.pid` and, on rank 0, the base URL into
+    `folder/url`. The constructor returns once every rank loaded the model (`/health` answers 200).
+    """
+
+    def __init__(self, serve_rank: Callable[..., str], folder: Path, world_size: int = 2, timeout: float = 150,
+                 collective_timeout: float = 10.0) -> None:
+        from diffusers_qwen_sp.distributed import run_distributed
+
+        self.folder = folder
+        self.world_size = world_size
+        self.results: list | None = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.results = run_distributed(serve_rank, world_size, str(folder), timeout=timeout,
+                                               collective_timeout=collective_timeout, return_exceptions=True)
+            except BaseException as error:  # noqa: BLE001 - asserted by the tests
+                self.error = error
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: (folder / "url").exists() or not self.thread.is_alive(), 60, "rank 0 to listen")
+        assert (folder / "url").exists(), (self.error, self.results)
+        self.url = (folder / "url").read_text()
+        wait_for(lambda: httpx.get(f"{self.url}/health").status_code == 200 or not self.thread.is_alive(), 60,
+                 "every rank to load the model")
+        assert self.thread.is_alive(), (self.error, self.results)
+
+    def pid(self, rank: int) -> int:
+        return int((self.folder / f"rank{rank}.pid").read_text())
+
+    def finish(self, within: float) -> list:
+        """Wait for every rank to return; their results (an exception for a rank that raised)."""
+        self.thread.join(within)
+        assert not self.thread.is_alive(), f"the ranks did not exit within {within} s"
+        assert self.error is None, self.error
+        return self.results
+
+    def kill_all(self) -> None:
+        for rank in range(self.world_size):
+            try:
+                os.kill(self.pid(rank), signal.SIGKILL)
+            except (ProcessLookupError, FileNotFoundError):
+                pass

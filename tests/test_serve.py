@@ -29,7 +29,7 @@ from PIL import Image
 from diffusers_qwen_sp.serve import APIError, RequestQueue, ServeConfig, Service, WorkItem, describe_served_model
 from diffusers_qwen_sp.serve.metrics import ServeMetrics
 
-from _serving import client, pixels, wait_for, wait_until_health_is_broken
+from _serving import ServingWorld, client, pixels, wait_for, wait_until_health_is_broken
 
 
 # The `serve` extra (fastapi, uvicorn, python-multipart) and the clients of the `test` extra.
@@ -529,44 +529,10 @@ def _serve_rank(rank: int, world_size: int, folder: str) -> str:
     return "drained"
 
 
-class _World:
-    """`run_distributed(_serve_rank, 2)` in a thread of the test; the test talks to rank 0 over HTTP."""
-
-    def __init__(self, folder: Path) -> None:
-        from diffusers_qwen_sp.distributed import run_distributed
-
-        self.folder = folder
-        self.results: list | None = None
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self.results = run_distributed(_serve_rank, 2, str(folder), timeout=100,
-                                               collective_timeout=COLLECTIVE_TIMEOUT_S, return_exceptions=True)
-            except BaseException as error:  # noqa: BLE001 - asserted by the tests
-                self.error = error
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: (folder / "url").exists() or not self.thread.is_alive(), 60, "rank 0 to listen")
-        assert (folder / "url").exists(), (self.error, self.results)
-        self.url = (folder / "url").read_text()
-        wait_for(lambda: httpx.get(f"{self.url}/health").status_code == 200 or not self.thread.is_alive(), 60,
-                  "the world to load the model")
-
-    def pid(self, rank: int) -> int:
-        return int((self.folder / f"rank{rank}.pid").read_text())
-
-    def finish(self, within: float) -> list:
-        self.thread.join(within)
-        assert not self.thread.is_alive(), f"the ranks did not exit within {within} s"
-        assert self.error is None, self.error
-        return self.results
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    running = _World(tmp_path_factory.mktemp("world"))
+    running = ServingWorld(_serve_rank, tmp_path_factory.mktemp("world"), timeout=100,
+                           collective_timeout=COLLECTIVE_TIMEOUT_S)
     yield running
     if running.thread.is_alive():
         os.kill(running.pid(0), signal.SIGTERM)
@@ -575,7 +541,7 @@ def world(tmp_path_factory):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
-def test_world2_ulysses_service_answers_the_single_processpixels(world, generated):
+def test_world2_ulysses_service_answers_the_single_process_pixels(world, generated):
     result = _client(world.url).images.generate(prompt=PROMPT, size="64x64", extra_body={"seed": 3})
     assert np.array_equal(pixels(result.data[0].b64_json), generated)
 
@@ -624,7 +590,7 @@ def test_world2_sigterm_on_rank_0_drains_the_group_and_every_rank_exits_cleanly(
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_world2_a_killed_rank_turns_health_503_and_ends_rank_0_with_an_error(tmp_path):
-    killed = _World(tmp_path)
+    killed = ServingWorld(_serve_rank, tmp_path, timeout=100, collective_timeout=COLLECTIVE_TIMEOUT_S)
     try:
         _kill_rank_1_while_a_request_runs(killed)
     finally:
@@ -635,7 +601,7 @@ def test_world2_a_killed_rank_turns_health_503_and_ends_rank_0_with_an_error(tmp
                 pass
 
 
-def _kill_rank_1_while_a_request_runs(killed: _World) -> None:
+def _kill_rank_1_while_a_request_runs(killed: ServingWorld) -> None:
     client = _client(killed.url)
     in_flight: dict = {}
 

@@ -24,7 +24,7 @@ from PIL import Image
 from diffusers_qwen_sp.scenes.grammar import check_image
 from diffusers_qwen_sp.serve import ServeConfig, Service
 
-from _serving import client as openai_client, pixels, wait_for, wait_until_health_is_broken
+from _serving import ServingWorld, client as openai_client, pixels, wait_for, wait_until_health_is_broken
 
 
 for _module in ("fastapi", "uvicorn", "multipart"):
@@ -98,50 +98,6 @@ def _serve_rank(rank: int, world_size: int, folder: str) -> str:
     return "drained"
 
 
-class _World:
-    """`run_distributed(_serve_rank, 2)` in a thread of the test; the test talks to rank 0 over HTTP."""
-
-    def __init__(self, folder: Path, world_size: int = 2) -> None:
-        from diffusers_qwen_sp.distributed import run_distributed
-
-        self.folder = folder
-        self.world_size = world_size
-        self.results: list | None = None
-        self.error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self.results = run_distributed(_serve_rank, world_size, str(folder), timeout=150,
-                                               collective_timeout=COLLECTIVE_TIMEOUT_S, return_exceptions=True)
-            except BaseException as error:  # noqa: BLE001 - asserted by the tests
-                self.error = error
-
-        self.thread = threading.Thread(target=run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: (folder / "url").exists() or not self.thread.is_alive(), 60, "rank 0 to listen")
-        assert (folder / "url").exists(), (self.error, self.results)
-        self.url = (folder / "url").read_text()
-        wait_for(lambda: httpx.get(f"{self.url}/health").status_code == 200 or not self.thread.is_alive(), 60,
-                  "the replicas to load the model")
-        assert self.thread.is_alive(), (self.error, self.results)
-
-    def pid(self, rank: int) -> int:
-        return int((self.folder / f"rank{rank}.pid").read_text())
-
-    def finish(self, within: float) -> list:
-        self.thread.join(within)
-        assert not self.thread.is_alive(), f"the ranks did not exit within {within} s"
-        assert self.error is None, self.error
-        return self.results
-
-    def kill_all(self) -> None:
-        for rank in range(self.world_size):
-            try:
-                os.kill(self.pid(rank), signal.SIGKILL)
-            except (ProcessLookupError, FileNotFoundError):
-                pass
-
-
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """What `python -m diffusers_qwen_sp generate --seed 3 --steps 8` writes (the single-process reference)."""
@@ -154,7 +110,7 @@ def generated(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    running = _World(tmp_path_factory.mktemp("replicas"))
+    running = ServingWorld(_serve_rank, tmp_path_factory.mktemp("replicas"), collective_timeout=COLLECTIVE_TIMEOUT_S)
     yield running
     if running.thread.is_alive():
         os.kill(running.pid(0), signal.SIGTERM)
@@ -273,7 +229,7 @@ def test_dp2_sigterm_on_rank_0_drains_both_replicas_and_every_rank_exits_cleanly
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_dp2_a_killed_replica_turns_health_503_and_ends_every_process(tmp_path):
-    killed = _World(tmp_path)
+    killed = ServingWorld(_serve_rank, tmp_path, collective_timeout=COLLECTIVE_TIMEOUT_S)
     try:
         client = openai_client(killed.url)
         errors: list = []
@@ -344,7 +300,8 @@ def test_the_world_must_equal_dp_x_cfg_x_ring_x_ulysses(monkeypatch, world, flag
 def test_dp2_ulysses2_replicas_answer_generate_pixels_and_drain_when_every_rank_gets_sigterm(tmp_path, generated):
     # Replica 1 is ranks 2 and 3: its leader takes batches from rank 0 over their control group and runs them with
     # its follower over its own SP group. torchrun and orchestrators signal every process at once: one drain each.
-    running = _World(tmp_path, world_size=4)
+    running = ServingWorld(_serve_rank, tmp_path, world_size=4,
+                           collective_timeout=COLLECTIVE_TIMEOUT_S)
     try:
         client = openai_client(running.url)
         for _ in range(2):  # twice: state left behind by a round would show in the second

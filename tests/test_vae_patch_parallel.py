@@ -337,3 +337,11 @@ def test_bench_smoke():
     # the decoded image is alive at the end, and the decode's intermediates came and went on top of it
     assert counter.current_bytes >= image.numel() * image.element_size()
     assert counter.peak_bytes > counter.current_bytes
+    # `bench-vae` end to end on a narrow VAE: degree 2 equals degree 1 and its slabs hold less than the whole
+    from diffusers_qwen_sp.cli import build_parser
+
+    args = build_parser().parse_args(["bench-vae", "--sizes", "64", "--degrees", "1", "2", "--base-dim", "8"])
+    rows = {(row.operation, row.degree): row for row in args.func(args).rows}
+    assert set(rows) == {("decode", 1), ("decode", 2), ("encode", 1), ("encode", 2)}
+    assert all(row.max_diff <= TOLERANCE for row in rows.values()), rows
+    assert rows["decode", 2].peak_bytes < rows["decode", 1].peak_bytes, rows

@@ -13,13 +13,11 @@ On a machine with fewer cores than ranks, the ranks share cores and the wall tim
 (this thread's CPU time, torch with one thread) is each rank's own work; the speed-up to expect on one device per rank
 is degree 1's compute time over the slowest rank's.
 
-    python -m diffusers_qwen_sp.bench.vae_parallel --sizes 512 --degrees 1 2 4
+    python -m diffusers_qwen_sp bench-vae --sizes 512 --degrees 1 2 4
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -177,25 +175,6 @@ def measure_vae_parallel(
             )
     measurement.rows.sort(key=lambda row: (row.operation, row.size, row.degree))
     return measurement
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Patch-parallel VAE: decode/encode time and peak memory per rank.")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512], help="image sides in pixels (default 512)")
-    parser.add_argument("--degrees", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--no-encode", action="store_true", help="measure the decode only")
-    parser.add_argument("--base-dim", type=int, default=None, help="a narrower VAE (default: the real 96)")
-    args = parser.parse_args(argv)
-    config = {} if args.base_dim is None else {"base_dim": args.base_dim}
-    measurement = measure_vae_parallel(
-        sizes=tuple(args.sizes), degrees=tuple(args.degrees), encode=not args.no_encode, vae_config=config
-    )
-    print(measurement.to_markdown())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 __all__ = ["VAEParallelMeasurement", "VAEParallelRow", "measure_vae_parallel"]

@@ -1,4 +1,4 @@
-"""Command line: `python -m diffusers_qwen_sp {generate,serve,calibrate-teacache,bench,bench-teacache,bench-serve,bench-memory,train-scenes,doctor} ...`
+"""Command line: `python -m diffusers_qwen_sp {generate,serve,calibrate-teacache,bench,bench-teacache,bench-serve,bench-memory,bench-vae,train-scenes,doctor} ...`
 (also `diffusers-qwen-sp`).
 
 One module per command, each with `register(subparsers)`, which adds the command's parser and sets `func` to the
@@ -12,14 +12,16 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import bench, bench_memory, bench_serve, bench_teacache, calibrate, doctor, generate, serve, train_scenes
+from . import bench, bench_memory, bench_serve, bench_teacache, bench_vae, calibrate, doctor, generate, serve, train_scenes
 from ._pipeline import check_image_size, load_pipeline
 
 
 __all__ = ["COMMANDS", "build_parser", "check_image_size", "load_pipeline", "main"]
 
 # The commands, in the order `--help` lists them.
-COMMANDS = (generate, serve, calibrate, bench, bench_teacache, bench_serve, bench_memory, train_scenes, doctor)
+COMMANDS = (
+    generate, serve, calibrate, bench, bench_teacache, bench_serve, bench_memory, bench_vae, train_scenes, doctor
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
