@@ -281,8 +281,8 @@ def _check_shardable(transformer: nn.Module) -> nn.ModuleList:
         raise ValueError(
             "Weight sharding does not compose with offloading (enable_model_cpu_offload, enable_group_offload, "
             "enable_sequential_cpu_offload): offloading moves whole parameters between devices, FSDP2 holds a shard "
-            "of each on this rank's device. Remove the offloading (pipe.remove_all_hooks(), "
-            "transformer.disable_group_offload()) before sharding; sharding already divides the memory."
+            "of each on this rank's device. Remove model offloading with pipe.remove_all_hooks(), or load the pipeline "
+            "again without group offloading, before sharding; sharding already divides the memory."
         )
     for name, parameter in blocks.named_parameters():
         if type(parameter.data) is not torch.Tensor:
@@ -356,6 +356,41 @@ def fully_shard_modules(
     return mesh, all_gather
 
 
+def check_weight_sharding(
+    transformer: nn.Module, config: WeightShardingConfig, groups: ParallelGroups | None = None
+) -> ParallelGroups:
+    r"""
+    Every check of [`apply_weight_sharding`], which raise alike on every rank and change nothing (no collective
+    either): the staged transformer, not sharded yet, neither offloaded nor quantized, and a group that shards
+    something. Returns the groups to shard over. Callers that apply something else that cannot be undone run it first.
+    """
+    if not isinstance(config, WeightShardingConfig):
+        raise TypeError(f"`config` must be a WeightShardingConfig, got {type(config).__name__}.")
+    _check_shardable(transformer)
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "Weight sharding needs torch.distributed: launch with `torchrun --nproc-per-node N ...` and enable "
+            "sequence parallelism first (pipe.enable_sequence_parallel(..., shard_weights=True))."
+        )
+    if groups is None:
+        from .hooks.sequence_parallel import get_sequence_parallel_runtime
+
+        runtime = get_sequence_parallel_runtime(transformer)
+        groups = runtime.groups if runtime is not None else ParallelGroups.create(dist.get_world_size(), 1)
+    if config.group == "world" and groups.replica_size == 1 and dist.get_world_size() > 1:
+        raise ValueError(
+            f"WeightShardingConfig(group='world') with {groups.dp_degree} data-parallel replicas of one process each "
+            "shards nothing: 'world' shards over the ranks of one replica. Give each replica several processes "
+            "(ulysses_degree, ring_degree or cfg_degree above 1) or leave the weights unsharded."
+        )
+    if config.group == "sp" and groups.sp_world_size == 1:
+        raise ValueError(
+            "WeightShardingConfig(group='sp') with one rank per SP group shards nothing. Use group='world' (without "
+            "TeaCache under CFG parallel) or a sequence-parallel degree above 1."
+        )
+    return groups
+
+
 def apply_weight_sharding(
     transformer: nn.Module, config: WeightShardingConfig | None = None, groups: ParallelGroups | None = None
 ) -> WeightShardingRuntime:
@@ -391,30 +426,8 @@ def apply_weight_sharding(
     ```
     """
     config = config if config is not None else WeightShardingConfig()
-    if not isinstance(config, WeightShardingConfig):
-        raise TypeError(f"`config` must be a WeightShardingConfig, got {type(config).__name__}.")
-    blocks = _check_shardable(transformer)
-    if not dist.is_initialized():
-        raise RuntimeError(
-            "Weight sharding needs torch.distributed: launch with `torchrun --nproc-per-node N ...` and enable "
-            "sequence parallelism first (pipe.enable_sequence_parallel(..., shard_weights=True))."
-        )
-    if groups is None:
-        from .hooks.sequence_parallel import get_sequence_parallel_runtime
-
-        runtime = get_sequence_parallel_runtime(transformer)
-        groups = runtime.groups if runtime is not None else ParallelGroups.create(dist.get_world_size(), 1)
-    if config.group == "world" and groups.replica_size == 1 and dist.get_world_size() > 1:
-        raise ValueError(
-            f"WeightShardingConfig(group='world') with {groups.dp_degree} data-parallel replicas of one process each "
-            "shards nothing: 'world' shards over the ranks of one replica. Give each replica several processes "
-            "(ulysses_degree, ring_degree or cfg_degree above 1) or leave the weights unsharded."
-        )
-    if config.group == "sp" and groups.sp_world_size == 1:
-        raise ValueError(
-            "WeightShardingConfig(group='sp') with one rank per SP group shards nothing. Use group='world' (without "
-            "TeaCache under CFG parallel) or a sequence-parallel degree above 1."
-        )
+    groups = check_weight_sharding(transformer, config, groups)
+    blocks = transformer.transformer_blocks
 
     ranks, process_group = shard_process_group(groups, config.group)
     # The TeaCache indicator reads block 0's `img_mod` outside the block's forward: keep it whole on every rank.

@@ -48,7 +48,8 @@ MODES = {
 KINDS = ("plain", "teacache", "lora")
 # Beyond the parity grid: a LoRA added after sharding (world 2, Ulysses), the refusal of world-wide sharding with
 # TeaCache under true-CFG parallel and the pipeline still working after it (world 4).
-EXTRA = {2: ["ulysses2-lora-after", "ulysses2-disable-refused"], 4: ["cfg2ulysses2-teacache-world-refused"]}
+EXTRA = {2: ["ulysses2-lora-after", "ulysses2-disable-refused", "ulysses2-enable-refused"],
+         4: ["cfg2ulysses2-teacache-world-refused"]}
 CASES = {world: [f"{mode}-{kind}" for mode in modes for kind in KINDS] + EXTRA[world] for world, modes in MODES.items()}
 
 
@@ -184,6 +185,20 @@ def _run_mode(rank, world_size, mode):
             "images": [_call(pipe)],
         }
 
+        # An offloaded transformer refuses sharding: refused on every rank before the text encoder is sharded (which cannot
+        # be undone), so nothing stays applied, and without the offloading the same call enables.
+        pipe = build_tiny_pipeline("qwen_image", pipeline_cls=QwenImageSPPipeline)
+        pipe.enable_model_cpu_offload(device="cpu")
+        try:
+            pipe.enable_sequence_parallel(ulysses_degree=2, shard_weights=True, text_encoder="sharded")
+            error = "no error was raised"
+        except ValueError as caught:
+            error = str(caught)
+        left = [pipe.sequence_parallel_enabled, pipe.text_encoder_placement, pipe.parallel_vae_enabled]
+        pipe.remove_all_hooks()
+        pipe.enable_sequence_parallel(ulysses_degree=2, shard_weights=True, text_encoder="sharded")
+        results[f"{mode}-enable-refused"] = {"error": error, "left": left, "images": [_call(pipe)]}
+
     pipe = build_tiny_pipeline("qwen_image", pipeline_cls=QwenImageSPPipeline)
     _add_lora(pipe.transformer)  # before sharding: the LoRA layers inside the blocks are sharded with them
     _enable(pipe, mode)
@@ -260,7 +275,7 @@ def test_matches_single_process(spawned, references, world_size, case):
     if "facts" in per_rank[0]:
         _check_sharded([result["facts"] for result in per_rank], world_size)
     for rank, result in enumerate(per_rank):
-        assert len(result["images"]) == (1 if kind == "disable-refused" else CALLS)
+        assert len(result["images"]) == (1 if kind in ("disable-refused", "enable-refused") else CALLS)
         _check_images(rank, result["images"], expected)
         if kind == "teacache":
             expected_skips = _skip_lists(expected_stats)
@@ -275,6 +290,9 @@ def test_matches_single_process(spawned, references, world_size, case):
             assert result["facts"]["shard_size"] == (world_size // 2 if cfg > 1 else world_size)
         if kind == "teacache-world-refused":
             assert "shard_weights='sp'" in result["error"], f"rank {rank}: {result['error']}"
+        if kind == "enable-refused":
+            assert "does not compose with offloading" in result["error"], f"rank {rank}: {result['error']}"
+            assert result["left"] == [False, None, False], f"rank {rank}: half applied: {result['left']}"
         if kind == "disable-refused":
             assert "cannot be removed" in result["error"], f"rank {rank}: {result['error']}"
             assert result["still_parallel"], f"rank {rank}: the failed disable changed the pipeline"

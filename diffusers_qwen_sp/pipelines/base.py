@@ -47,6 +47,7 @@ from ..text_encoder_placement import (
 from ..weight_sharding import (
     WeightShardingConfig,
     apply_weight_sharding,
+    check_weight_sharding,
     remove_weight_sharding,
 )
 
@@ -178,16 +179,18 @@ class QwenImageSPPipelineMixin(ParallelOffloadMixin):
             self._check_offload_devices()
             if self.vae is not None and runtime.config.parallel_vae:
                 apply_patch_parallel_vae(self.vae, PatchParallelVAEConfig(), runtime.groups)
+            sharding = None
+            if runtime.config.weight_sharding_group is not None:
+                sharding = WeightShardingConfig(group=runtime.config.weight_sharding_group)
+                # Offloaded or quantized blocks are refused alike on every rank before anything cannot be undone.
+                check_weight_sharding(self.transformer, sharding, runtime.groups)
             with self._model_offload_outside():  # its checks raise alike on every rank, before any change
                 apply_text_encoder_placement(self, TextEncoderPlacementConfig(runtime.config.text_encoder))
-            if runtime.config.weight_sharding_group is not None:
-                # Its checks (offloading, quantized weights) raise alike on every rank, before any collective.
-                apply_weight_sharding(
-                    self.transformer, WeightShardingConfig(group=runtime.config.weight_sharding_group), runtime.groups
-                )
+            if sharding is not None:
+                apply_weight_sharding(self.transformer, sharding, runtime.groups)
         except (ValueError, TypeError, RuntimeError):
-            # All or nothing, but for what cannot be undone: a sharded text encoder when the weight sharding after it
-            # is refused (then load the pipeline again). The error that stopped us is raised.
+            # All or nothing: every refusal above comes before the first step that cannot be undone (a sharded text
+            # encoder, sharded weights). The error that stopped us is raised.
             with contextlib.suppress(RuntimeError):
                 self.disable_sequence_parallel()
             raise
