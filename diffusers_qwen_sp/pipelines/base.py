@@ -210,7 +210,8 @@ class QwenImageSPPipelineMixin(ParallelOffloadMixin):
         # Each raises if its part is sharded, before anything is removed.
         remove_weight_sharding(self.transformer)
         remove_text_encoder_placement(self)
-        remove_patch_parallel_vae(self.vae)
+        if self.vae is not None:  # a pipeline built without one (e.g. the bench's, from prompt embeddings to latents)
+            remove_patch_parallel_vae(self.vae)
         with self._model_offload_outside():
             if get_cfg_parallel_hook(self.transformer) is not None:
                 remove_cfg_parallel(self.transformer)
@@ -402,12 +403,13 @@ class QwenImageSPPipelineMixin(ParallelOffloadMixin):
 
     def disable_parallel_vae(self) -> None:
         r"""Remove the parallel VAE (a no-op when it is off): every rank decodes and encodes whole again."""
-        remove_patch_parallel_vae(self.vae)
+        if self.vae is not None:
+            remove_patch_parallel_vae(self.vae)
 
     @property
     def parallel_vae_enabled(self) -> bool:
         """Whether the VAE's decode / encode is split over the ranks ([`enable_parallel_vae`])."""
-        return get_patch_parallel_vae(self.vae) is not None
+        return self.vae is not None and get_patch_parallel_vae(self.vae) is not None
 
     # ------------------------------------------------------------------ denoising progress
 
