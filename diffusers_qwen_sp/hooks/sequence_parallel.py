@@ -22,6 +22,7 @@ from ..attention import SequenceParallelAttnProcessor, check_attention_backend
 from ..distributed import ParallelGroups, all_gather_dim0, init_distributed, sp_shard_bounds, take_shard
 from ..models.sp_plan import GatherInput, ShardBoundsOutput, SplitOutput, SPPlan, SPPlanEntry
 from ..text_encoder_placement import DEFAULT_TEXT_ENCODER_PLACEMENT, TEXT_ENCODER_PLACEMENTS
+from .registration import register_hooks
 
 
 logger = logging.get_logger(__name__)
@@ -379,22 +380,12 @@ def apply_sequence_parallel(
         seen[id(module), name] = path
 
     runtime = SequenceParallelRuntime(config=config, groups=groups, plan=dict(plan))
-    registered: list[tuple[HookRegistry, str]] = []
-    try:
-        for module, _, entry in targets:
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            if isinstance(entry, GatherInput):
-                hook = SequenceGatherHook(runtime, entry)
-            else:
-                hook = SequenceSplitHook(runtime, entry)
-            registry.register_hook(hook, _hook_name(entry))
-            registered.append((registry, _hook_name(entry)))
-    except Exception:
-        for registry, name in reversed(registered):
-            registry.remove_hook(name, recurse=False)
-        raise
-    finally:
-        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    hooks = [
+        (module, (SequenceGatherHook if isinstance(entry, GatherInput) else SequenceSplitHook)(runtime, entry),
+         _hook_name(entry))
+        for module, _, entry in targets
+    ]
+    register_hooks(transformer, hooks)
 
     runtime.original_processors = dict(transformer.attn_processors)
     transformer.set_attn_processor(SequenceParallelAttnProcessor(runtime))

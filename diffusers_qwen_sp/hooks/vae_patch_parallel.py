@@ -31,6 +31,7 @@ from diffusers.models.autoencoders.autoencoder_kl_qwenimage import QwenImageDeco
 from diffusers.utils import logging
 
 from ..distributed import ParallelGroups, all_gather_dim0
+from .registration import register_hooks
 from .vae_halo import SlabPlan, StageOp, build_plan, conv_radius, decoder_stages, encoder_stages, stage_op
 
 
@@ -312,18 +313,7 @@ def apply_patch_parallel_vae(
             targets.append((module, PatchParallelCropHook(runtime, "encode", index, name), ""))
         targets.append((encoder.mid_block, PatchParallelGatherHook(runtime), PATCH_PARALLEL_VAE_GATHER_HOOK))
         targets.append((encoder, PatchParallelEncoderHook(runtime), PATCH_PARALLEL_VAE_HOOK))
-    registered: list[tuple[HookRegistry, str]] = []
-    try:
-        for module, hook, name in targets:
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            registry.register_hook(hook, name or PATCH_PARALLEL_VAE_CROP_HOOK)
-            registered.append((registry, name or PATCH_PARALLEL_VAE_CROP_HOOK))
-    except Exception:
-        for registry, name in reversed(registered):
-            registry.remove_hook(name, recurse=False)
-        raise
-    finally:
-        HookRegistry.check_if_exists_or_initialize(vae).invalidate_child_registries_cache()
+    register_hooks(vae, [(module, hook, name or PATCH_PARALLEL_VAE_CROP_HOOK) for module, hook, name in targets])
     logger.info(f"Patch-parallel VAE applied: {runtime}")
     return runtime
 
